@@ -1,0 +1,24 @@
+"""Tests run on 8 simulated CPU devices; nothing is downloaded, nothing is written outside tmp."""
+
+import os
+import tempfile
+
+# Must happen before jax is imported anywhere.
+os.environ["XLA_FLAGS"] = (
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+).strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+_wandb_home = tempfile.mkdtemp(prefix="wandb-home-")
+for _var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_DIR"):
+    os.environ.setdefault(_var, _wandb_home)
+os.environ.pop("WANDB_API_KEY", None)
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _eight_devices():
+    assert jax.device_count() == 8, "tests expect 8 simulated CPU devices"
