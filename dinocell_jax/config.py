@@ -1,0 +1,255 @@
+"""The configuration surface: every key, its default, and validation.
+
+`base_config()` holds every key a run reads, with the DINOCell values of
+../shared/REFERENCE.md as defaults (each with its origin). Config files under
+`configs/` start from it and change what they need; the config is locked so an
+override of a key that does not exist fails, and `validate()` checks values
+against each other before any JAX work.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import ml_collections
+
+CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")  # canonical order of the 5 fluorescent stains
+STRATEGIES = ("multiview", "average", "stacked")
+ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_custom")
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the key."""
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.workdir = ""  # set by --workdir; derived from wandb.name when empty
+
+    c.model = m = ml_collections.ConfigDict()
+    m.arch = "vit_small"  # 384 wide, 12 blocks, 6 heads (DINOCell ViT-S)
+    m.patch_size = 8  # DINOCell: patch 8 -> 28x28 tokens on a 224 crop
+    m.embed_dim = 384  # used only by arch=vit_custom
+    m.depth = 12  # used only by arch=vit_custom
+    m.num_heads = 6  # used only by arch=vit_custom
+    m.mlp_ratio = 4.0
+    m.qkv_bias = True
+    m.layerscale = 1e-5  # DINOv2/v3 LayerScale init; 0 disables LayerScale
+    m.n_storage_tokens = 4  # DINOv3 registers; DINOv2 default is 0
+    m.pos_embed = "rope"  # "rope" (DINOv3, DINOCell) | "learned" (DINOv2)
+    m.pos_embed_size = 224  # crop size the learned position grid is made for
+    m.rope_base = 100.0  # DINOv3 RoPE base
+    m.drop_path_rate = 0.1  # DINOv2/v3 ViT-S, uniform over blocks
+    m.mask_k_bias = False
+    m.attention_impl = "xla"  # "xla" | "cudnn" (GPU flash attention)
+    m.dtype = "bfloat16"  # compute dtype; params, optimiser state and loss math stay fp32
+    m.init_from = ""  # DINOv2/DINOv3 .pth state dict to continue pretraining from
+
+    c.heads = h = ml_collections.ConfigDict()
+    h.out_dim = 65536  # prototypes (DINOv2/v3)
+    h.hidden_dim = 2048
+    h.bottleneck_dim = 256
+    h.n_layers = 3
+    h.weight_norm_last_layer = False  # DINOv3 plain last layer; DINOv2 uses weight norm
+    h.separate_ibot_head = True  # DINOCell: separate_head true
+
+    c.loss = l = ml_collections.ConfigDict()
+    l.dino_weight = 1.0
+    l.ibot_weight = 1.0
+    l.koleo_weight = 0.1  # applied to each of the 2 global crops
+    l.student_temp = 0.1
+    l.teacher_temp = 0.07
+    l.warmup_teacher_temp = 0.04
+    l.warmup_teacher_temp_epochs = 10
+    l.centering = "sinkhorn_knopp"  # DINOv3/DINOCell; "centering" = DINOv2 momentum centre
+    l.center_momentum = 0.9
+    l.mask_sample_probability = 0.5  # half of the global crops get an iBOT mask
+    l.mask_ratio_min = 0.1
+    l.mask_ratio_max = 0.5
+    l.mask_on_device = False  # True: iBOT masks drawn inside the jitted step
+
+    c.optim = o = ml_collections.ConfigDict()
+    o.lr = 2e-4  # REFERENCE: 5e-5 x 4, then x sqrt(batch/1024) -> 5.59e-5 at batch 80
+    o.scaling_rule = "sqrt_wrt_1024"  # "sqrt_wrt_1024" | "linear_wrt_256" | "none"
+    o.min_lr = 1e-6  # not scaled
+    o.warmup_epochs = 10
+    o.epochs = 90  # 90 x 1000 iterations
+    o.weight_decay = 0.04
+    o.weight_decay_end = 0.2
+    o.layerwise_decay = 0.9
+    o.patch_embed_lr_mult = 0.2
+    o.clip_grad = 3.0  # per module: backbone, DINO head, iBOT head; 0 disables
+    o.freeze_last_layer_epochs = 1
+    o.adamw_beta1 = 0.9
+    o.adamw_beta2 = 0.999
+    o.momentum_teacher = 0.996
+    o.final_momentum_teacher = 1.0
+
+    c.train = t = ml_collections.ConfigDict()
+    t.batch_size = 80  # global batch of fields (DINOCell: 80 per GPU)
+    t.epoch_length = 1000  # OFFICIAL_EPOCH_LENGTH
+    t.steps = -1  # > 0 overrides epochs * epoch_length; schedules stretch to it
+    t.max_bad_steps = 10  # consecutive non-finite steps before the run stops
+    t.progress_bar = True
+
+    c.crops = cr = ml_collections.ConfigDict()
+    cr.global_size = 224
+    cr.local_size = 96
+    cr.n_local = 8
+    cr.global_scale = (0.4, 1.0)
+    cr.local_scale = (0.05, 0.4)
+    cr.flip_p = 0.5  # horizontal and vertical flips, each
+    cr.rot90 = True  # free for microscopy
+    cr.jitter_p = 0.8  # brightness/contrast jitter
+    cr.brightness = 0.4
+    cr.contrast = 0.4
+    cr.blur_p_global = (1.0, 0.1)  # DINOv2: global 1 always blurred, global 2 rarely
+    cr.blur_p_local = 0.5
+    cr.solarize_p = 0.2  # global 2 only (DINOv2)
+
+    c.data = d = ml_collections.ConfigDict()
+    d.source = "synthetic"  # synthetic | loaddata:<csv|parquet> | folder:<dir> | tfds:<name>
+    d.strategy = "multiview"  # multiview | average | stacked
+    d.local_mean_p = 0.3  # multiview: a local crop is the channel mean with this probability
+    # Channel number of each stain in the microscope's files (JUMP channel_mapping.csv,
+    # CPJUMP1/source_4); brightfield planes are read only when data.brightfield is set.
+    d.channels = ml_collections.ConfigDict({"DNA": 5, "ER": 4, "RNA": 3, "AGP": 2, "Mito": 1})
+    d.brightfield = ""  # e.g. "6,7,8" to add brightfield planes
+    d.normalization = "percentile"  # percentile | minmax
+    d.percentile_low = 0.1
+    d.percentile_high = 99.9
+    d.downscale = 1  # integer downscale of fields on the host
+    d.field_size = 256  # synthetic: square field side; real data: fields are cropped/padded to it
+    d.num_fields = 4096  # synthetic: fields per epoch of the generator
+    d.n_phenotypes = 4  # synthetic
+    d.holdout = 0.1  # fraction of plates (wells when one plate) held out
+    d.holdout_by = "plate"
+    d.labels_csv = ""  # optional CSV keyed by plate/well with label columns
+    d.label_column = ""
+    d.num_workers = 4
+    d.prefetch = 2
+    d.max_failure_fraction = 0.01  # stop when more fields than this fail to read
+    d.cache_dir = ""  # bounded cache for s3:// reads
+
+    c.wandb = w = ml_collections.ConfigDict()
+    w.enabled = True
+    w.project = "dinocell-ssl-pretraining"
+    w.entity = ""
+    w.name = ""  # auto: <arch><patch>-<dataset>-<strategy>-<timestamp>
+    w.group = ""
+    w.tags = ()
+    w.notes = ""
+    w.log_interval = 100
+    w.attention_log_interval = 1000
+    w.pca_log_interval = 5000
+    w.log_attention_maps = True
+    w.log_feature_pca = True
+    w.log_gradients = True
+    w.log_model_checkpoints = False  # large files
+    w.histogram_interval = 0  # weight/gradient histograms; 0 = off
+    w.offline = False
+    w.resume = "allow"
+    w.grad_norm_high = 10.0  # guide: > 10 potential instability
+    w.grad_norm_low = 1e-3  # guide: < 0.001 vanishing
+    w.probe_size = 8  # fields in the fixed probe batch of the pictures
+
+    c.checkpoint = k = ml_collections.ConfigDict()
+    k.interval = 10000  # the guide's checkpoint interval
+    k.keep = 3
+    k.keep_every = 0  # also keep every K-th step; 0 = off
+    k.resume_from = ""
+
+    c.eval = e = ml_collections.ConfigDict()
+    e.interval = 0  # 0 = off
+    e.knn_k = 20
+    e.n_fields = 256
+    e.batch_size = 32
+
+    c.mesh = ms = ml_collections.ConfigDict()
+    ms.data = -1  # -1: all devices not used by the other axes
+    ms.fsdp = 1
+    # (regex over parameter paths, mesh axis of the largest dim); first match wins.
+    ms.fsdp_rules = ((".*", "fsdp"),)
+
+    c.distributed = ds = ml_collections.ConfigDict()
+    ds.coordinator_address = ""
+    ds.num_processes = -1
+    ds.process_id = -1
+    ds.initialization_timeout = 300
+    return c
+
+
+def total_steps(config) -> int:
+    if config.train.steps > 0:
+        return int(config.train.steps)
+    return int(config.optim.epochs * config.train.epoch_length)
+
+
+def steps_per_epoch(config) -> float:
+    """Iterations of one schedule "epoch"; shrinks with `train.steps` so schedules stretch to it."""
+    return total_steps(config) / config.optim.epochs
+
+
+def peak_lr(config) -> float:
+    rule, batch = config.optim.scaling_rule, config.train.batch_size
+    if rule == "sqrt_wrt_1024":
+        return config.optim.lr * math.sqrt(batch / 1024)
+    if rule == "linear_wrt_256":
+        return config.optim.lr * batch / 256
+    if rule == "none":
+        return config.optim.lr
+    raise ConfigError(f"optim.scaling_rule: unknown rule {rule!r}")
+
+
+def _fail(key: str, msg: str):
+    raise ConfigError(f"config.{key}: {msg}")
+
+
+def validate(config, n_devices: int) -> None:
+    """Checks values against each other; raises ConfigError naming the key."""
+    m, c, d = config.model, config.crops, config.data
+    if m.arch not in ARCHS:
+        _fail("model.arch", f"{m.arch!r} is not one of {ARCHS}")
+    if m.pos_embed not in ("rope", "learned"):
+        _fail("model.pos_embed", f"{m.pos_embed!r} is not 'rope' or 'learned'")
+    if m.attention_impl not in ("xla", "cudnn"):
+        _fail("model.attention_impl", f"{m.attention_impl!r} is not 'xla' or 'cudnn'")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        _fail("model.dtype", f"{m.dtype!r} is not float32, bfloat16 or float16")
+    for key in ("global_size", "local_size"):
+        size = c[key]
+        if size <= 0 or size % m.patch_size:
+            _fail(f"crops.{key}", f"{size} is not a positive multiple of model.patch_size={m.patch_size}")
+    if m.pos_embed == "learned" and m.pos_embed_size % m.patch_size:
+        _fail("model.pos_embed_size", f"{m.pos_embed_size} is not a multiple of model.patch_size={m.patch_size}")
+    for key in ("global_scale", "local_scale"):
+        lo, hi = c[key]
+        if not 0 < lo <= hi <= 1:
+            _fail(f"crops.{key}", f"{c[key]} must satisfy 0 < min <= max <= 1")
+    if d.strategy not in STRATEGIES:
+        _fail("data.strategy", f"{d.strategy!r} is not one of {STRATEGIES}")
+    if config.loss.centering not in ("sinkhorn_knopp", "centering"):
+        _fail("loss.centering", f"{config.loss.centering!r} is not 'sinkhorn_knopp' or 'centering'")
+    if config.train.batch_size <= 0 or config.train.batch_size % n_devices:
+        _fail("train.batch_size", f"{config.train.batch_size} is not divisible by the {n_devices} devices")
+    if config.mesh.fsdp < 1 or n_devices % config.mesh.fsdp:
+        _fail("mesh.fsdp", f"{config.mesh.fsdp} does not divide the {n_devices} devices")
+    if config.mesh.data not in (-1, n_devices // config.mesh.fsdp):
+        _fail("mesh.data", f"{config.mesh.data} x mesh.fsdp={config.mesh.fsdp} != {n_devices} devices")
+    if d.field_size < c.global_size:
+        _fail("data.field_size", f"{d.field_size} is smaller than crops.global_size={c.global_size}")
+    if not 0 <= config.loss.mask_ratio_min <= config.loss.mask_ratio_max <= 1:
+        _fail("loss.mask_ratio_min", "need 0 <= mask_ratio_min <= mask_ratio_max <= 1")
+    if total_steps(config) <= 0:
+        _fail("train.steps", "the run has no steps (optim.epochs x train.epoch_length <= 0)")
+    for key in ("log_interval", "attention_log_interval", "pca_log_interval"):
+        if config.wandb[key] <= 0:
+            _fail(f"wandb.{key}", f"{config.wandb[key]} must be positive")
+    peak_lr(config)
+
+
+def to_dict(config) -> dict[str, Any]:
+    """Plain JSON-able dict of the resolved config (tuples become lists)."""
+    return config.to_dict()
