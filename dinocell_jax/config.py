@@ -68,7 +68,9 @@ def base_config() -> ml_collections.ConfigDict:
     l.mask_sample_probability = 0.5  # half of the global crops get an iBOT mask
     l.mask_ratio_min = 0.1
     l.mask_ratio_max = 0.5
-    l.mask_on_device = False  # True: iBOT masks drawn inside the jitted step
+    # KoLeo neighbourhoods: DINOv2 uses each device's batch (0 = batch / devices);
+    # a fixed size makes the step independent of the device count.
+    l.koleo_group_size = 0
 
     c.optim = o = ml_collections.ConfigDict()
     o.lr = 2e-4  # REFERENCE: 5e-5 x 4, then x sqrt(batch/1024) -> 5.59e-5 at batch 80
@@ -242,6 +244,11 @@ def validate(config, n_devices: int) -> None:
         _fail("data.field_size", f"{d.field_size} is smaller than crops.global_size={c.global_size}")
     if not 0 <= config.loss.mask_ratio_min <= config.loss.mask_ratio_max <= 1:
         _fail("loss.mask_ratio_min", "need 0 <= mask_ratio_min <= mask_ratio_max <= 1")
+    group = config.loss.koleo_group_size
+    if group < 0 or (group and config.train.batch_size % group) or group == 1:
+        _fail("loss.koleo_group_size", f"{group} must be 0 or a divisor (> 1) of train.batch_size")
+    if not group and config.train.batch_size // n_devices < 2:
+        _fail("train.batch_size", "KoLeo needs at least 2 fields per device (or set loss.koleo_group_size)")
     if total_steps(config) <= 0:
         _fail("train.steps", "the run has no steps (optim.epochs x train.epoch_length <= 0)")
     for key in ("log_interval", "attention_log_interval", "pca_log_interval"):

@@ -1,0 +1,376 @@
+"""The training step: TrainState, the DINO + iBOT + KoLeo objective, and the probe metrics.
+
+`train_step(state, batch) -> (state, metrics)` is one pure function under
+`jax.jit`: device-side crops, teacher and student forwards, the losses of
+DINOv2's SSLMetaArch, per-module clipping, AdamW, the EMA teacher. It returns
+a small dict of scalars; `metrics_fn` computes the pictures' raw material
+(attention, features, per-channel embeddings) on a fixed probe batch and is
+only called at the visual intervals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, struct
+
+from dinocell_jax import config as config_lib
+from dinocell_jax.data import augment
+from dinocell_jax.models import heads as heads_lib
+from dinocell_jax.models import vit as vit_lib
+from dinocell_jax.ssl import losses, masking, optim
+from dinocell_jax.ssl.schedules import Schedules
+
+Params = dict[str, Any]
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array  # int32 [], iterations done
+    student: Params  # {"backbone", "dino_head"[, "ibot_head"]} fp32 pure dicts
+    teacher: Params  # same structure, EMA of the student
+    opt_state: Any
+    center: dict[str, jax.Array]  # {"dino": [1,K], "ibot": [1,K]} fp32, momentum centering only
+    rng: jax.Array  # key; the step's randomness is fold_in(rng, step)
+
+
+def input_channels(config) -> int:
+    if config.data.strategy == "stacked":
+        return len(config.data.channels)
+    return 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+    """Static half of the model: graphdefs and the derived sizes the step needs."""
+
+    backbone: Any
+    dino_head: Any
+    ibot_head: Any  # the DINO head's graphdef when the heads are shared
+    vit: vit_lib.ViTConfig
+    separate_ibot_head: bool
+    n_global_patches: int
+    mask_upperbound: int
+
+    def merge(self, params: Params):
+        backbone = nnx.merge(self.backbone, params["backbone"])
+        dino_head = nnx.merge(self.dino_head, params["dino_head"])
+        ibot_params = params["ibot_head"] if self.separate_ibot_head else params["dino_head"]
+        ibot_head = nnx.merge(self.ibot_head, ibot_params)
+        return backbone, dino_head, ibot_head
+
+
+def _build(config, key: jax.Array) -> tuple[nnx.GraphDef, Params]:
+    """Module graphdefs and fresh fp32 params (call under eval_shape or jit)."""
+    vit_cfg = vit_lib.vit_config_from(config.model, input_channels(config))
+    k_backbone, k_dino, k_ibot = jax.random.split(key, 3)
+    backbone = vit_lib.VisionTransformer(vit_cfg, rngs=nnx.Rngs(k_backbone))
+    h = config.heads
+
+    def head(k):
+        return heads_lib.DINOHead(
+            vit_cfg.embed_dim, h.out_dim, h.hidden_dim, h.bottleneck_dim, h.n_layers,
+            h.weight_norm_last_layer, config.model.dtype, rngs=nnx.Rngs(k),
+        )
+
+    modules = {"backbone": backbone, "dino_head": head(k_dino)}
+    if h.separate_ibot_head:
+        modules["ibot_head"] = head(k_ibot)
+    graphdefs, params = {}, {}
+    for name, module in modules.items():
+        graphdefs[name], state = nnx.split(module, nnx.Param)
+        params[name] = nnx.to_pure_dict(state)
+    return graphdefs, params
+
+
+def make_models(config) -> Models:
+    graphdefs, _ = jax.eval_shape(lambda k: _build(config, k), jax.random.key(0))
+    vit_cfg = vit_lib.vit_config_from(config.model, input_channels(config))
+    grid = config.crops.global_size // config.model.patch_size
+    n_patches = grid * grid
+    batch = config.train.batch_size
+    upper = masking.masked_upperbound(
+        2 * batch, n_patches, (config.loss.mask_ratio_min, config.loss.mask_ratio_max),
+        config.loss.mask_sample_probability,
+    )
+    separate = bool(config.heads.separate_ibot_head)
+    return Models(
+        backbone=graphdefs["backbone"], dino_head=graphdefs["dino_head"],
+        ibot_head=graphdefs["ibot_head"] if separate else graphdefs["dino_head"],
+        vit=vit_cfg, separate_ibot_head=separate, n_global_patches=n_patches,
+        mask_upperbound=max(int(upper), 1),
+    )
+
+
+def init_state(config, key: jax.Array, optimizer: optax.GradientTransformation) -> TrainState:
+    """A fresh state; jit it with out_shardings so it is born sharded."""
+    k_params, k_rng = jax.random.split(key)
+    _, params = _build(config, k_params)
+    k = config.heads.out_dim
+    return TrainState(
+        step=jnp.zeros((), jnp.int32),
+        student=params,
+        # The teacher starts as an exact copy of the student (DINOv2).
+        teacher=jax.tree.map(jnp.copy, params),
+        opt_state=optimizer.init(params),
+        center={"dino": jnp.zeros((1, k), jnp.float32), "ibot": jnp.zeros((1, k), jnp.float32)},
+        rng=k_rng,
+    )
+
+
+def _tree_norm(tree) -> jax.Array:
+    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+
+
+def _teacher_targets(config, logits, temp, center, valid=None):
+    """Teacher probabilities [N,K] fp32 and the centre for the next step."""
+    if config.loss.centering == "sinkhorn_knopp":
+        return losses.sinkhorn_knopp(logits, temp, valid=valid), center
+    probs = losses.softmax_centered(logits, center, temp)
+    if valid is not None:
+        probs = probs * valid[:, None]
+        rows = jnp.where(valid[:, None], logits, 0.0)
+        mean = jnp.sum(rows, axis=0, keepdims=True) / jnp.maximum(jnp.sum(valid), 1)
+        new_center = center * config.loss.center_momentum + mean * (1 - config.loss.center_momentum)
+    else:
+        new_center = losses.update_center(center, logits, config.loss.center_momentum)
+    return probs, new_center
+
+
+def koleo_group_size(config, n_devices: int) -> int:
+    """Samples per KoLeo neighbourhood: DINOv2 takes each device's batch.
+
+    A fixed group size makes the loss independent of how the batch is laid
+    out on devices (8 devices and 1 device give the same step).
+    """
+    if config.loss.koleo_group_size > 0:
+        return int(config.loss.koleo_group_size)
+    return config.train.batch_size // n_devices
+
+
+def ssl_loss(params, teacher, center, views, masks, temps, models: Models, config, drop_key, koleo_group):
+    """The SSLMetaArch objective. Returns (total, (metrics, new_center)).
+
+    views: global_crops [2,B,G,G,C], local_crops [L,B,S,S,C]; masks [B,2,N] bool.
+    drop_key None turns drop path off.
+    """
+    backbone_t, dino_t, ibot_t = models.merge(jax.lax.stop_gradient(teacher))
+    backbone_s, dino_s, ibot_s = models.merge(params)
+    lc = config.loss
+    g = views["global_crops"]
+    n_global, b = g.shape[0], g.shape[1]
+    n_local = views["local_crops"].shape[0]
+    globals_flat = g.reshape((n_global * b,) + g.shape[2:])
+    masks_flat = jnp.swapaxes(masks, 0, 1).reshape(n_global * b, -1)  # crop-major, as globals_flat
+    upper = models.mask_upperbound
+
+    # ---- teacher: the two global crops, unmasked
+    out_t = backbone_t(globals_flat)
+    t_cls = out_t["x_norm_clstoken"]
+    # Swap the halves so student crop A is matched with teacher crop B (DINOv2).
+    t_cls = jnp.concatenate([t_cls[b:], t_cls[:b]], axis=0)
+    t_patch, t_weights, t_valid, _ = masking.gather_masked(out_t["x_norm_patchtokens"], masks_flat, upper)
+    t_dino_logits = dino_t(t_cls).astype(jnp.float32)
+    t_ibot_logits = ibot_t(t_patch).astype(jnp.float32)
+    t_dino, new_dino_center = _teacher_targets(config, t_dino_logits, temps["teacher"], center["dino"])
+    t_ibot, new_ibot_center = _teacher_targets(
+        config, t_ibot_logits, temps["teacher"], center["ibot"], valid=t_valid
+    )
+    t_dino = jax.lax.stop_gradient(t_dino)
+    t_ibot = jax.lax.stop_gradient(t_ibot)
+
+    # ---- student: masked global crops, then local crops
+    k_global, k_local = (None, None) if drop_key is None else jax.random.split(drop_key)
+    out_g = backbone_s(globals_flat, masks_flat, drop_path_key=k_global)
+    locals_ = views["local_crops"]
+    out_l = backbone_s(
+        locals_.reshape((n_local * b,) + locals_.shape[2:]), drop_path_key=k_local
+    )
+    s_cls_g = out_g["x_norm_clstoken"]
+    s_patch, weights, _, _ = masking.gather_masked(out_g["x_norm_patchtokens"], masks_flat, upper)
+    s_dino_g = dino_s(s_cls_g).astype(jnp.float32)
+    s_dino_l = dino_s(out_l["x_norm_clstoken"]).astype(jnp.float32)
+    s_ibot = ibot_s(s_patch).astype(jnp.float32)
+
+    # ---- losses, with DINOv2's term counts: 2 cross-view global pairs, L x 2 local pairs
+    n_terms = (n_global - 1) * n_global + n_local * n_global
+    k = t_dino.shape[-1]
+    dino_local = losses.dino_cross_entropy(
+        s_dino_l.reshape(n_local, b, k), t_dino.reshape(n_global, b, k), lc.student_temp
+    ) / n_terms
+    dino_global = losses.dino_cross_entropy(
+        s_dino_g[None], t_dino[None], lc.student_temp
+    ) * n_global / n_terms
+    dino = dino_local + dino_global
+    ibot = losses.ibot_loss(s_ibot, t_ibot, weights, n_global * b, lc.student_temp)
+    cls32 = s_cls_g.astype(jnp.float32).reshape(n_global, -1, koleo_group, s_cls_g.shape[-1])
+    koleo_per_crop = jax.vmap(jax.vmap(losses.koleo_loss))(cls32).mean(axis=1)  # [2]
+    koleo = lc.koleo_weight * jnp.sum(koleo_per_crop)
+    total = lc.dino_weight * dino + lc.ibot_weight * ibot + koleo
+    metrics = {
+        "loss/dino": dino,
+        "loss/dino_local": dino_local,
+        "loss/dino_global": dino_global,
+        "loss/ibot": ibot,
+        "loss/koleo": koleo,
+        "loss/total": total,
+    }
+    return total, (metrics, {"dino": new_dino_center, "ibot": new_ibot_center})
+
+
+def make_train_step(config, models: Models, optimizer, schedules: Schedules, n_devices: int):
+    """train_step(state, batch) -> (state, metrics); jit it with shardings and donation."""
+    aug_cfg = augment.AugmentConfig.from_config(config)
+    koleo_group = koleo_group_size(config, n_devices)
+    clip = float(config.optim.clip_grad)
+    log_gradients = bool(config.wandb.log_gradients)
+
+    def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
+        step = state.step
+        key = jax.random.fold_in(state.rng, step)
+        k_aug, k_drop = jax.random.split(key)
+        views = augment.make_views(
+            k_aug, batch["field"], batch["norm_low"], batch["norm_high"], aug_cfg
+        )
+        temps = {"teacher": schedules.teacher_temp(step)}
+        grad_fn = jax.value_and_grad(ssl_loss, has_aux=True)
+        (_, (metrics, new_center)), grads = grad_fn(
+            state.student, state.teacher, state.center, views, batch["masks"], temps,
+            models, config, k_drop, koleo_group,
+        )
+        if clip > 0:
+            grads, pre_clip = optim.clip_by_module(grads, clip)
+        else:
+            pre_clip = {name: _tree_norm(g) for name, g in grads.items()}
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.student)
+        student = optax.apply_updates(state.student, updates)
+
+        # A non-finite loss or gradient skips the whole update (params, moments,
+        # teacher, centres); the host counts them and stops after too many in a row.
+        finite = jnp.isfinite(metrics["loss/total"]) & jnp.all(
+            jnp.stack([jnp.isfinite(n) for n in pre_clip.values()])
+        )
+
+        def keep(new, old):
+            return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+
+        student = keep(student, state.student)
+        opt_state = keep(opt_state, state.opt_state)
+        m = schedules.teacher_momentum(step)
+        teacher = jax.tree.map(
+            lambda t, s: jnp.where(finite, t * m + s * (1 - m), t), state.teacher, student
+        )
+        center = keep(new_center, state.center)
+
+        metrics |= {
+            "training/lr": schedules.lr(step),
+            "training/wd": schedules.wd(step),
+            "training/teacher_momentum": m,
+            "training/teacher_temp": temps["teacher"],
+            "training/last_layer_lr_mult": schedules.last_layer_lr_mult(step),
+            "training/nonfinite": 1 - finite.astype(jnp.int32),
+            "params/norm": _tree_norm(student),
+            "params/update_norm": _tree_norm(updates),
+            "gradients/global_norm": _tree_norm(grads),
+        }
+        metrics |= {f"gradients/{name}_norm_preclip": n for name, n in pre_clip.items()}
+        if log_gradients:
+            metrics |= optim.gradient_stats(grads)
+        new_state = state.replace(
+            step=step + 1, student=student, teacher=teacher, opt_state=opt_state,
+            center=center,
+        )
+        return new_state, metrics
+
+    return train_step
+
+
+def make_metrics_fn(config, models: Models):
+    """metrics_fn(params, probe) -> arrays for the pictures and consistency metrics.
+
+    probe: field uint16 [P,C,H,W], norm_low/high [P,C]. Returns (fp32):
+    images [P,S,S] (the channel-mean view the model sees), attention
+    [P,heads,h,w] (last block, CLS query over patch keys, storage excluded, each
+    row renormalised over patches), cls [P,D], patch [P,h,w,D], channel_cls
+    [P,C,D] (each stain alone as input), mean_cls [P,D].
+    """
+    size = config.crops.global_size
+    grid = size // config.model.patch_size
+    n_skip = 1 + config.model.n_storage_tokens
+    stacked = config.data.strategy == "stacked"
+
+    def metrics_fn(params: Params, probe: dict) -> dict:
+        backbone = nnx.merge(models.backbone, params["backbone"])
+        views = augment.probe_views(probe["field"], probe["norm_low"], probe["norm_high"], size)
+        mean_view = views["mean"]  # [P,S,S,1]
+        channels = views["channels"]  # [P,C,S,S,1]
+        p, c = channels.shape[:2]
+        if stacked:
+            # All stains stacked as input channels; "channel c alone" zeroes the others.
+            full = jnp.moveaxis(channels[..., 0], 1, -1)  # [P,S,S,C]
+            model_in = full
+            eye = jnp.eye(c, dtype=full.dtype)
+            per_channel = (full[:, None] * eye[None, :, None, None, :]).reshape(p * c, size, size, c)
+        else:
+            model_in = mean_view
+            per_channel = channels.reshape(p * c, size, size, 1)
+        out = backbone(model_in, return_attention=True)
+        attn = out["attention"][:, :, 0, n_skip:].astype(jnp.float32)  # [P,heads,N]
+        attn = attn / jnp.sum(attn, axis=-1, keepdims=True)
+        per = backbone(per_channel)["x_norm_clstoken"].reshape(p, c, -1)
+        return {
+            "images": mean_view[..., 0].astype(jnp.float32),
+            "attention": attn.reshape(p, attn.shape[1], grid, grid),
+            "cls": out["x_norm_clstoken"].astype(jnp.float32),
+            "patch": out["x_norm_patchtokens"].astype(jnp.float32).reshape(p, grid, grid, -1),
+            "channel_cls": per.astype(jnp.float32),
+            "mean_cls": out["x_norm_clstoken"].astype(jnp.float32),
+        }
+
+    return metrics_fn
+
+
+def make_eval_loss(config, models: Models, n_devices: int):
+    """eval_loss(state, batch) -> the objective's metrics on held-out fields, no update.
+
+    The teacher plays both roles and drop path is off: validation measures the
+    model, not the regulariser.
+    """
+    aug_cfg = augment.AugmentConfig.from_config(config)
+    koleo_group = koleo_group_size(config, n_devices)
+    schedules = Schedules.from_config(config)
+
+    def eval_loss(state: TrainState, batch: dict) -> dict:
+        key = jax.random.fold_in(jax.random.fold_in(state.rng, state.step), 0x5EED)
+        views = augment.make_views(key, batch["field"], batch["norm_low"], batch["norm_high"], aug_cfg)
+        temps = {"teacher": schedules.teacher_temp(state.step)}
+        _, (metrics, _) = ssl_loss(
+            state.teacher, state.teacher, state.center, views, batch["masks"], temps,
+            models, config, None, koleo_group,
+        )
+        return metrics
+
+    return eval_loss
+
+
+def host_masks(config, step: int) -> np.ndarray:
+    """iBOT masks [B,2,N] bool of the global batch of a step, deterministic by (seed, step).
+
+    Every process draws the whole batch's masks (cheap) and keeps its rows, so
+    the stratified ratios and the static upper bound hold for the global batch.
+    """
+    batch_size = config.train.batch_size
+    rng = np.random.default_rng([config.seed, 0x1B07, int(step)])
+    grid = config.crops.global_size // config.model.patch_size
+    masks = masking.sample_batch_masks(
+        rng, 2 * batch_size, (grid, grid),
+        (config.loss.mask_ratio_min, config.loss.mask_ratio_max),
+        config.loss.mask_sample_probability,
+    )
+    return masks.reshape(batch_size, 2, -1)

@@ -1,0 +1,255 @@
+"""DINO + iBOT + KoLeo pretraining of a ViT on Cell Painting fields.
+
+    python -m dinocell_jax.train --config configs/demo.py --workdir runs/demo
+    python -m dinocell_jax.train --config configs/vits8_jump_multiview.py \
+        --config.data.source=loaddata:/data/jump/load_data.csv --config.wandb.project=my-proj
+
+Running the same command again resumes from the workdir's last checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from dinocell_jax import checkpoint as ckpt_lib
+from dinocell_jax import cli, parallel
+from dinocell_jax import config as config_lib
+from dinocell_jax.data import pipeline
+from dinocell_jax.monitor import logger as logger_lib
+from dinocell_jax.monitor.system import system_metrics
+from dinocell_jax.ssl import optim
+from dinocell_jax.ssl import step as step_lib
+from dinocell_jax.ssl.schedules import Schedules
+
+log = logging.getLogger("dinocell_jax")
+
+
+class TrainingError(RuntimeError):
+    """The run cannot go on (e.g. too many non-finite steps in a row)."""
+
+
+class _StopRequest:
+    """SIGTERM/SIGINT: finish the step in flight, save, flush, exit 0."""
+
+    def __init__(self):
+        self.signal = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signal.Signals(signum).name
+
+    def requested(self, step: int) -> bool:
+        if jax.process_count() == 1:
+            return self.signal is not None
+        # Every process must stop at the same step: agree on the flag, every few
+        # steps since it is a collective.
+        if step % 10:
+            return False
+        from jax.experimental import multihost_utils
+
+        flag = np.array([self.signal is not None], np.int32)
+        return bool(np.any(multihost_utils.process_allgather(flag)))
+
+
+def _probe_batch(config, source, mesh) -> tuple[dict, dict]:
+    """The fixed fields the pictures are drawn from, replicated, and their metadata."""
+    n = min(config.wandb.probe_size, len(source))
+    records = [source[i] for i in range(n)]
+    arrays = {k: np.stack([r[k] for r in records]) for k in ("field", "norm_low", "norm_high")}
+    meta = {k: [str(r.get(k, "")) for r in records] for k in ("plate", "well", "site", "batch", "label")}
+    return jax.device_put(arrays, parallel.replicated(mesh)), meta
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    config, workdir = cli.parse_config(sys.argv[1:] if argv is None else argv)
+    parallel.initialize(config)
+    config_lib.validate(config, jax.device_count())
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        with open(os.path.join(workdir, "config.json"), "w") as f:
+            json.dump(config_lib.to_dict(config), f, indent=2, sort_keys=True)
+    total_steps = config_lib.total_steps(config)
+    steps_per_epoch = config_lib.steps_per_epoch(config)
+
+    # ---- Mesh
+    mesh = parallel.make_mesh(config)
+    n_devices = jax.device_count()
+    log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), n_devices, jax.process_count())
+
+    # ---- Input
+    train_iter = pipeline.make_iterator(config, "train", seed=config.seed)
+    holdout = pipeline.make_source(config, "holdout")
+    probe, probe_meta = _probe_batch(config, holdout, mesh)
+    local_rows = slice(
+        jax.process_index() * parallel.host_local_batch_size(config.train.batch_size),
+        (jax.process_index() + 1) * parallel.host_local_batch_size(config.train.batch_size),
+    )
+
+    # ---- Model, schedules, optimiser
+    models = step_lib.make_models(config)
+    schedules = Schedules.from_config(config)
+    optimizer = optim.make_optimizer(config, schedules)
+
+    # ---- Shard & init: the state is born sharded (eval_shape, then a jitted init).
+    def init(key):
+        return step_lib.init_state(config, key, optimizer)
+
+    init_key = jax.random.key(config.seed)
+    abstract = jax.eval_shape(init, init_key)
+    shardings = parallel.state_shardings(abstract, mesh, config)
+    abstract = jax.tree.map(
+        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+    )
+
+    # ---- Checkpoint: resume from the workdir, or from checkpoint.resume_from
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config)
+    resume_dir = config.checkpoint.resume_from
+    source_ckpt = checkpointer if checkpointer.latest_step() is not None or not resume_dir else (
+        ckpt_lib.Checkpointer(resume_dir, config)
+    )
+    if source_ckpt.latest_step() is not None:
+        state, data_state, meta = source_ckpt.restore(abstract)
+        train_iter.set_state(data_state)
+        log.info("resumed from %s at step %d", source_ckpt.directory, int(state.step))
+    else:
+        state = jax.jit(init, out_shardings=shardings)(init_key)
+        if config.model.init_from:
+            state = step_lib.load_pretrained(state, config, config.model.init_from)
+    start_step = int(state.step)
+
+    # ---- Steps
+    batch_shard = parallel.batch_sharding(mesh)
+    batch_shardings = {k: batch_shard for k in ("field", "norm_low", "norm_high", "masks")}
+    train_step = jax.jit(
+        step_lib.make_train_step(config, models, optimizer, schedules, n_devices),
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
+    metrics_fn = jax.jit(step_lib.make_metrics_fn(config, models))
+
+    # ---- Monitoring
+    logger = logger_lib.create_logger(
+        config, workdir, process_index=jax.process_index(), resume_step=start_step
+    )
+    accumulator = logger_lib.MetricAccumulator()
+    health = logger_lib.GradientHealth(config.wandb.grad_norm_high, config.wandb.grad_norm_low)
+    stop = _StopRequest()
+    wandb_cfg = config.wandb
+    progress = None
+    if is_main and config.train.progress_bar:
+        from tqdm import tqdm
+
+        progress = tqdm(total=total_steps, initial=start_step, unit="it", dynamic_ncols=True)
+
+    def save(step_done: int, force: bool = False):
+        meta = {"wandb_run_id": logger.wandb_run_id, "config": config_lib.to_dict(config),
+                "versions": {"jax": jax.__version__}}
+        checkpointer.save(step_done, state, train_iter.get_state(), meta, force=force)
+
+    def handle(step: int, metrics: dict, step_time: float, wait_s: float):
+        """Host side of step `step` (0-based), run after step+1 was dispatched."""
+        metrics = jax.device_get(metrics)
+        if int(metrics["training/nonfinite"]):
+            bad_steps[0] += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped", step)
+            if bad_steps[0] >= config.train.max_bad_steps:
+                raise TrainingError(
+                    f"{bad_steps[0]} consecutive steps had a non-finite loss or gradient "
+                    f"(last: step {step}); lower optim.lr or check the data "
+                    f"(limit: train.max_bad_steps)"
+                )
+        else:
+            bad_steps[0] = 0
+        accumulator.add(metrics)
+        accumulator.add({"training/step_time": step_time, "data/wait_s": wait_s})
+        msg = health.check(float(metrics["gradients/global_norm"]), step)
+        if msg:
+            log.warning(msg)
+            logger.alert("gradient health", msg)
+        done = step + 1
+        if progress is not None:
+            progress.update(1)
+            progress.set_postfix(loss=f"{float(metrics['loss/total']):.3f}",
+                                 img_s=f"{config.train.batch_size / max(step_time, 1e-9):.0f}")
+        if done % wandb_cfg.log_interval == 0 or done == total_steps:
+            scalars = accumulator.means()
+            accumulator.reset()
+            scalars["training/images_per_sec"] = config.train.batch_size / max(
+                scalars["training/step_time"], 1e-9
+            )
+            scalars["training/iteration"] = done
+            scalars["training/epoch"] = done / steps_per_epoch
+            scalars |= {f"data/{k}": v for k, v in train_iter.stats().items()}
+            scalars |= system_metrics(jax.local_devices())
+            logger.log_metrics(scalars, done)
+
+    # ---- Loop
+    pending = None  # (step, metrics, step_time, wait) of the step in flight
+    bad_steps = [0]  # consecutive non-finite steps
+    last = time.perf_counter()
+    step = start_step
+    try:
+        for step in range(start_step, total_steps):
+            t0 = time.perf_counter()
+            local = next(train_iter)
+            wait_s = time.perf_counter() - t0
+            local = {k: local[k] for k in ("field", "norm_low", "norm_high")}
+            local["masks"] = step_lib.host_masks(config, step)[local_rows]
+            batch = parallel.to_global_batch(local, mesh)
+            state, metrics = train_step(state, batch)
+            if pending is not None:
+                handle(*pending)
+            now = time.perf_counter()
+            pending = (step, metrics, now - last, wait_s)
+            last = now
+            done = step + 1
+            want_attention = wandb_cfg.log_attention_maps and done % wandb_cfg.attention_log_interval == 0
+            want_pca = wandb_cfg.log_feature_pca and done % wandb_cfg.pca_log_interval == 0
+            if want_attention or want_pca:
+                outputs = jax.device_get(metrics_fn(state.teacher, probe))
+                scalars, images, tables = logger_lib.probe_report(
+                    outputs, probe_meta, done, attention=want_attention, pca=want_pca,
+                    channel_names=list(config.data.channels.keys()),
+                )
+                scalars["training/iteration"] = done
+                logger.log_metrics(scalars, done)
+                logger.log_images(images, done)
+                for table in tables:
+                    logger.log_table(*table, step=done)
+            if done % config.checkpoint.interval == 0 and done < total_steps:
+                save(done)
+            if stop.requested(done):
+                log.info("%s received: saving at step %d and exiting", stop.signal, done)
+                break
+        if pending is not None:
+            handle(*pending)
+            pending = None
+        save(int(jax.device_get(state.step)), force=True)
+        checkpointer.wait()
+        if wandb_cfg.log_model_checkpoints:
+            final = int(jax.device_get(state.step))
+            aliases = ["latest", f"step-{final}"] + (["final"] if final == total_steps else [])
+            logger.log_model_checkpoint(os.path.join(checkpointer.directory, str(final)), final, aliases)
+    finally:
+        if progress is not None:
+            progress.close()
+        checkpointer.close()
+        logger.finish()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
