@@ -20,11 +20,14 @@ from dinocell_jax.ssl.optim import param_paths
 BATCH_AXES = ("data", "fsdp")
 
 
-def make_mesh(config) -> jax.sharding.Mesh:
-    """The (data, fsdp) mesh over every device of every process."""
-    n = jax.device_count()
+def make_mesh(config, devices=None) -> jax.sharding.Mesh:
+    """The (data, fsdp) mesh over `devices` (default: every device of every process)."""
+    devices = jax.devices() if devices is None else list(devices)
     fsdp = config.mesh.fsdp
-    return jax.make_mesh((n // fsdp, fsdp), BATCH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
+    return jax.make_mesh(
+        (len(devices) // fsdp, fsdp), BATCH_AXES,
+        axis_types=(AxisType.Auto, AxisType.Auto), devices=devices,
+    )
 
 
 def batch_sharding(mesh) -> NamedSharding:

@@ -224,8 +224,14 @@ def ssl_loss(params, teacher, center, views, masks, temps, models: Models, confi
     return total, (metrics, {"dino": new_dino_center, "ibot": new_ibot_center})
 
 
-def make_train_step(config, models: Models, optimizer, schedules: Schedules, n_devices: int):
-    """train_step(state, batch) -> (state, metrics); jit it with shardings and donation."""
+def make_train_step(config, models: Models, optimizer, schedules: Schedules, n_devices: int,
+                    augment_on_device: bool = True):
+    """train_step(state, batch) -> (state, metrics); jit it with shardings and donation.
+
+    With augment_on_device off the batch carries ready-made crops instead of
+    fields (`global_crops` [B,2,G,G,C], `local_crops` [B,L,S,S,C]): the
+    benchmark uses it to time the model alone.
+    """
     aug_cfg = augment.AugmentConfig.from_config(config)
     koleo_group = koleo_group_size(config, n_devices)
     clip = float(config.optim.clip_grad)
@@ -235,9 +241,12 @@ def make_train_step(config, models: Models, optimizer, schedules: Schedules, n_d
         step = state.step
         key = jax.random.fold_in(state.rng, step)
         k_aug, k_drop = jax.random.split(key)
-        views = augment.make_views(
-            k_aug, batch["field"], batch["norm_low"], batch["norm_high"], aug_cfg
-        )
+        if augment_on_device:
+            views = augment.make_views(
+                k_aug, batch["field"], batch["norm_low"], batch["norm_high"], aug_cfg
+            )
+        else:
+            views = {k: jnp.swapaxes(batch[k], 0, 1) for k in ("global_crops", "local_crops")}
         temps = {"teacher": schedules.teacher_temp(step)}
         grad_fn = jax.value_and_grad(ssl_loss, has_aux=True)
         (_, (metrics, new_center)), grads = grad_fn(

@@ -1,0 +1,151 @@
+"""Throughput of the training step of any config on the devices present.
+
+    python scripts/benchmark.py --config configs/vits8_jump_multiview.py \
+        --config.train.batch_size=64 --config.model.attention_impl=cudnn
+    python scripts/benchmark.py --config configs/demo.py --steps 3 --warmup 1   # CPU toy size
+
+Fields are already on the device (random uint16 at `data.field_size`), so this
+measures the jitted step: device-side augmentation, teacher and student,
+heads, losses, optimiser, EMA. `--no-aug` feeds ready-made crops instead, to
+isolate the model. Prints one JSON line last: images_per_s, step_s (median
+over timed windows), mfu (analytic FLOPs / peak bf16 FLOP/s), peak_mem_gib,
+compile_s, device, n_devices, batch, jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from dinocell_jax import cli, parallel  # noqa: E402
+from dinocell_jax import config as config_lib  # noqa: E402
+from dinocell_jax.ssl import optim  # noqa: E402
+from dinocell_jax.ssl import step as step_lib  # noqa: E402
+from dinocell_jax.ssl.schedules import Schedules  # noqa: E402
+
+PEAK_FLOPS = 790e12  # H100 SXM bf16 dense matmul rate measured here (../shared/GPU.md)
+
+
+def vit_forward_flops(tokens: int, dim: int, depth: int, mlp_ratio: float, patch_pixels: int) -> float:
+    """Matmul FLOPs of one ViT forward on one crop (2 per multiply-add)."""
+    per_layer = 2 * tokens * (3 * dim * dim + dim * dim + 2 * mlp_ratio * dim * dim)
+    attention = 2 * 2 * tokens * tokens * dim  # QK^T and AV
+    return depth * (per_layer + attention) + 2 * (tokens - 1) * patch_pixels * dim
+
+
+def analytic_flops_per_field(config, models) -> float:
+    """FLOPs of one field's share of a training step (backward = 2 x forward)."""
+    v, h, c = models.vit, config.heads, config.crops
+    extra = 1 + v.n_storage_tokens
+    patch_pixels = v.patch_size ** 2 * v.in_chans
+
+    def crop(size):
+        n = (size // v.patch_size) ** 2
+        return vit_forward_flops(n + extra, v.embed_dim, v.depth, v.mlp_ratio, patch_pixels)
+
+    g, l = crop(c.global_size), crop(c.local_size)
+    backbone = 3 * (2 * g + c.n_local * l) + 2 * g  # student fwd+bwd, teacher fwd
+    head_row = 2 * (v.embed_dim * h.hidden_dim + (h.n_layers - 2) * h.hidden_dim ** 2
+                    + h.hidden_dim * h.bottleneck_dim + h.bottleneck_dim * h.out_dim)
+    masked_rows = models.mask_upperbound / config.train.batch_size  # the static iBOT buffer
+    heads = head_row * (3 * (2 + c.n_local) + 2 + 4 * masked_rows)
+    return backbone + heads
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=20, help="timed steps")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compile")
+    parser.add_argument("--window", type=int, default=5, help="steps per timed window")
+    parser.add_argument("--no-aug", action="store_true", help="feed ready-made crops")
+    args, rest = parser.parse_known_args(argv)
+    config, _ = cli.parse_config(rest)
+    config.wandb.enabled = False
+    n_devices = jax.device_count()
+    config_lib.validate(config, n_devices)
+
+    mesh = parallel.make_mesh(config)
+    models = step_lib.make_models(config)
+    schedules = Schedules.from_config(config)
+    optimizer = optim.make_optimizer(config, schedules)
+    init = functools.partial(step_lib.init_state, config, optimizer=optimizer)
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    shardings = parallel.state_shardings(abstract, mesh, config)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+
+    b, n_ch, f = config.train.batch_size, len(config.data.channels), config.data.field_size
+    rng = np.random.default_rng(0)
+    host = {
+        "field": rng.integers(100, 60000, (b, n_ch, f, f), dtype=np.uint16),
+        "norm_low": np.full((b, n_ch), 100.0, np.float32),
+        "norm_high": np.full((b, n_ch), 60000.0, np.float32),
+        "masks": step_lib.host_masks(config, 0),
+    }
+    if args.no_aug:
+        cin = step_lib.input_channels(config)
+        g, l = config.crops.global_size, config.crops.local_size
+        host = {
+            "global_crops": rng.standard_normal((b, 2, g, g, cin), np.float32),
+            "local_crops": rng.standard_normal((b, config.crops.n_local, l, l, cin), np.float32),
+            "masks": host["masks"],
+        }
+    batch_sh = parallel.batch_sharding(mesh)
+    batch = jax.device_put(host, batch_sh)
+    step_fn = step_lib.make_train_step(
+        config, models, optimizer, schedules, n_devices, augment_on_device=not args.no_aug
+    )
+    step = jax.jit(step_fn, in_shardings=(shardings, batch_sh),
+                   out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
+
+    t0 = time.perf_counter()
+    compiled = step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        state, metrics = compiled(state, batch)
+    jax.block_until_ready(metrics)
+    windows = []
+    for _ in range(max(1, args.steps // args.window)):
+        t0 = time.perf_counter()
+        for _ in range(args.window):
+            state, metrics = compiled(state, batch)
+        jax.block_until_ready(metrics)
+        windows.append((time.perf_counter() - t0) / args.window)
+    step_s = float(np.median(windows))
+    loss = float(metrics["loss/total"])
+    flops = analytic_flops_per_field(config, models) * b
+    device = jax.devices()[0]
+    stats = device.memory_stats() or {}
+    result = {
+        "images_per_s": round(b / step_s, 1),
+        "step_s": round(step_s, 5),
+        "mfu": round(flops / step_s / (PEAK_FLOPS * n_devices), 4),
+        "gflop_per_image": round(flops / b / 1e9, 1),
+        "peak_mem_gib": round(stats.get("peak_bytes_in_use", 0) / 2**30, 2),
+        "compile_s": round(compile_s, 1),
+        "device": device.device_kind,
+        "n_devices": n_devices,
+        "batch": b,
+        "aug": not args.no_aug,
+        "attention": config.model.attention_impl,
+        "dtype": config.model.dtype,
+        "loss": round(loss, 4),
+        "jax": jax.__version__,
+    }
+    print(json.dumps(result), flush=True)
+    if not np.isfinite(loss):
+        raise SystemExit("non-finite loss in the benchmark")
+    return result
+
+
+if __name__ == "__main__":
+    main()

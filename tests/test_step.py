@@ -1,0 +1,107 @@
+"""The jitted training step: device-count invariance, one compile, finite updates."""
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from dinocell_jax import parallel
+from dinocell_jax.data.normalize import intensity_bounds
+from dinocell_jax.data.synthetic import SyntheticCellPainting
+from dinocell_jax.ssl import optim
+from dinocell_jax.ssl import step as step_lib
+from dinocell_jax.ssl.schedules import Schedules
+from tiny import tiny_config
+
+
+def _host_batch(config, step):
+    data = SyntheticCellPainting(num_fields=64, field_size=config.data.field_size, seed=1)
+    rows = [data[(step * config.train.batch_size + i) % len(data)] for i in range(config.train.batch_size)]
+    fields = np.stack([r["field"] for r in rows])
+    bounds = [intensity_bounds(f) for f in fields]
+    return {
+        "field": fields,
+        "norm_low": np.stack([b[0] for b in bounds]),
+        "norm_high": np.stack([b[1] for b in bounds]),
+        "masks": step_lib.host_masks(config, step),
+    }
+
+
+def _setup(config, devices):
+    mesh = parallel.make_mesh(config, devices)
+    models = step_lib.make_models(config)
+    schedules = Schedules.from_config(config)
+    optimizer = optim.make_optimizer(config, schedules)
+    init = functools.partial(step_lib.init_state, config, optimizer=optimizer)
+    abstract = jax.eval_shape(init, jax.random.key(0))
+    shardings = parallel.state_shardings(abstract, mesh, config)
+    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    batch_sh = parallel.batch_sharding(mesh)
+    fn = step_lib.make_train_step(config, models, optimizer, schedules, len(devices))
+    return mesh, state, shardings, batch_sh, fn
+
+
+def _run(config, devices, n_steps):
+    mesh, state, shardings, batch_sh, fn = _setup(config, devices)
+    step = jax.jit(fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
+    history = []
+    for i in range(n_steps):
+        batch = jax.device_put(_host_batch(config, i), batch_sh)
+        state, metrics = step(state, batch)
+        history.append(jax.device_get(metrics))
+    return jax.device_get(state), history
+
+
+def test_eight_devices_equal_one_device():
+    config = tiny_config()
+    state8, hist8 = _run(config, jax.devices(), 2)
+    state1, hist1 = _run(config, jax.devices()[:1], 2)
+    for a, b in zip(hist8, hist1):
+        for key in ("loss/dino", "loss/ibot", "loss/koleo", "loss/total"):
+            np.testing.assert_allclose(a[key], b[key], rtol=2e-5, atol=1e-6, err_msg=key)
+    chex.assert_trees_all_close(state8.student, state1.student, rtol=1e-4, atol=1e-6)
+    chex.assert_trees_all_close(state8.teacher, state1.teacher, rtol=1e-4, atol=1e-6)
+
+
+def test_step_compiles_once_and_losses_are_finite():
+    config = tiny_config()
+    mesh, state, shardings, batch_sh, fn = _setup(config, jax.devices())
+    traced = chex.assert_max_traces(fn, n=1)
+    step = jax.jit(traced, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None), donate_argnums=0)
+    for i in range(3):
+        state, metrics = step(state, jax.device_put(_host_batch(config, i), batch_sh))
+    metrics = jax.device_get(metrics)
+    assert int(state.step) == 3
+    for key in ("loss/dino", "loss/ibot", "loss/koleo", "loss/total", "gradients/global_norm"):
+        assert np.isfinite(metrics[key]), key
+    # DINO + iBOT + KoLeo with the recipe's weights make the total.
+    np.testing.assert_allclose(
+        metrics["loss/total"], metrics["loss/dino"] + metrics["loss/ibot"] + metrics["loss/koleo"], rtol=1e-5
+    )
+    # The DINO loss of K prototypes starts near log(K) (uniform teacher and student).
+    assert 0.5 * np.log(64) < metrics["loss/dino"] < 1.5 * np.log(64)
+
+
+def test_nonfinite_step_is_skipped():
+    config = tiny_config()
+    mesh, state, shardings, batch_sh, fn = _setup(config, jax.devices())
+    step = jax.jit(fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None))
+    batch = _host_batch(config, 0)
+    batch["norm_low"] = np.full_like(batch["norm_low"], np.nan)  # NaN crops -> NaN loss
+    before = jax.device_get(state)
+    after, metrics = step(state, jax.device_put(batch, batch_sh))
+    after = jax.device_get(after)
+    assert int(metrics["training/nonfinite"]) == 1
+    chex.assert_trees_all_equal(before.student, after.student)
+    chex.assert_trees_all_equal(before.teacher, after.teacher)
+    assert int(after.step) == 1
+
+
+@pytest.mark.parametrize("centering", ["sinkhorn_knopp", "centering"])
+def test_both_teacher_target_modes_run(centering):
+    config = tiny_config(**{"loss.centering": centering, "heads.separate_ibot_head": centering == "centering"})
+    _, hist = _run(config, jax.devices(), 1)
+    assert np.isfinite(hist[0]["loss/total"])
