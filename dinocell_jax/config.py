@@ -251,10 +251,54 @@ def validate(config, n_devices: int) -> None:
         _fail("train.batch_size", "KoLeo needs at least 2 fields per device (or set loss.koleo_group_size)")
     if total_steps(config) <= 0:
         _fail("train.steps", "the run has no steps (optim.epochs x train.epoch_length <= 0)")
+    o = config.optim
+    if o.epochs <= 0:
+        _fail("optim.epochs", f"{o.epochs} must be positive (an epoch is total steps / optim.epochs)")
+    for key in ("warmup_epochs", "freeze_last_layer_epochs"):
+        if not 0 <= o[key] <= o.epochs:
+            _fail(f"optim.{key}", f"{o[key]} is not within [0, optim.epochs={o.epochs}]")
+    if config.loss.warmup_teacher_temp_epochs < 0:
+        _fail("loss.warmup_teacher_temp_epochs", "must be >= 0")
+    if not 0 < o.layerwise_decay <= 1:
+        _fail("optim.layerwise_decay", f"{o.layerwise_decay} is not in (0, 1]")
+    for key in ("adamw_beta1", "adamw_beta2"):
+        if not 0 <= o[key] < 1:
+            _fail(f"optim.{key}", f"{o[key]} is not in [0, 1)")
+    if o.lr <= 0 or o.min_lr < 0 or o.clip_grad < 0:
+        _fail("optim.lr", f"need lr > 0, min_lr >= 0, clip_grad >= 0 (got {o.lr}, {o.min_lr}, {o.clip_grad})")
     for key in ("log_interval", "attention_log_interval", "pca_log_interval"):
         if config.wandb[key] <= 0:
             _fail(f"wandb.{key}", f"{config.wandb[key]} must be positive")
     peak_lr(config)
+
+
+def parse_preset(arg: str | None, defaults: dict[str, Any]) -> dict[str, Any]:
+    """A config file's `get_config(arg)` argument, ml_collections style `key=val,key=val`.
+
+    `defaults` names every preset the file accepts and its default (bool, int,
+    float or str); values are cast to the default's type (bool: true/false).
+    Returns the defaults updated by `arg`; ConfigError names an unknown preset
+    or a bad value.
+    """
+    out = dict(defaults)
+    for item in filter(None, (part.strip() for part in (arg or "").split(","))):
+        key, eq, value = item.partition("=")
+        key = key.strip()
+        if key not in defaults:
+            raise ConfigError(f"preset {key!r}: unknown; this config accepts {sorted(defaults)}")
+        if not eq:
+            raise ConfigError(f"preset {key!r}: needs a value ({key}=...)")
+        kind, value = type(defaults[key]), value.strip()
+        try:
+            if kind is bool:
+                if value.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError(value)
+                out[key] = value.lower() in ("true", "1")
+            else:
+                out[key] = kind(value)
+        except ValueError:
+            raise ConfigError(f"preset {key!r}: {value!r} is not a {kind.__name__}") from None
+    return out
 
 
 def to_dict(config) -> dict[str, Any]:
