@@ -134,6 +134,17 @@ def base_config() -> ml_collections.ConfigDict:
     d.prefetch = 2
     d.max_failure_fraction = 0.01  # stop when more fields than this fail to read
     d.cache_dir = ""  # bounded cache for s3:// reads
+    d.cache_max_gb = 50.0  # size bound of data.cache_dir; least recently used files go first
+    d.s3_endpoint_url = ""  # S3-compatible endpoint (MinIO, a test server); "" = AWS
+    d.s3_anonymous = True  # the Cell Painting Gallery is public: unsigned requests
+    d.read_retries = 4  # attempts per remote file, exponential backoff between them
+    d.retry_backoff_s = 0.5
+    d.read_threads = 8  # decoding threads per process (grain ReadOptions)
+    d.illumination = True  # divide by FileName_Illum* functions when a LoadData table has them
+    d.path_remap = ""  # "FROM=TO;...": re-root LoadData paths, e.g. s3://cellpainting-gallery/=/data/cpg/
+    d.failure_check_after = 100  # fields read before data.max_failure_fraction is enforced
+    d.n_plates = 4  # synthetic
+    d.tfds_data_dir = ""  # data.source=tfds:<name>: where the prepared dataset lives
 
     c.wandb = w = ml_collections.ConfigDict()
     w.enabled = True
