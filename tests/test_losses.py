@@ -126,7 +126,8 @@ def test_dino_cross_entropy_matches_dinov2(seed):
     ref = DINOLoss(64, student_temp=0.1)
     want = ref(list(_t(s)), list(_t(t))).item()
     got = losses.dino_cross_entropy(jnp.asarray(s, jnp.bfloat16), t, 0.1)
-    want_bf16 = ref(list(_t(np.asarray(jnp.asarray(s, jnp.bfloat16).astype(jnp.float32)))), list(_t(t))).item()
+    s_bf16 = np.asarray(jnp.asarray(s, jnp.bfloat16).astype(jnp.float32))
+    want_bf16 = ref(list(_t(s_bf16)), list(_t(t))).item()
     assert got.dtype == jnp.float32
     np.testing.assert_allclose(got, want_bf16, rtol=1e-5)
     np.testing.assert_allclose(losses.dino_cross_entropy(s, t, 0.1), want, rtol=1e-5)
@@ -224,7 +225,9 @@ def test_sinkhorn_sharded_jit_equals_gathered(mesh, seed):
     z, valid = _padded_batch(seed)
     want = np.asarray(losses.sinkhorn_knopp(jnp.asarray(z[valid]), 0.05))
     rows = NamedSharding(mesh, jax.P("data"))
-    fn = jax.jit(lambda z, v: losses.sinkhorn_knopp(z, 0.05, valid=v), in_shardings=(rows, rows), out_shardings=rows)
+    fn = jax.jit(
+        lambda z, v: losses.sinkhorn_knopp(z, 0.05, valid=v), in_shardings=(rows, rows), out_shardings=rows
+    )
     got = fn(jax.device_put(z, rows), jax.device_put(valid, rows))
     assert len(got.sharding.device_set) == 8
     got = np.asarray(got)

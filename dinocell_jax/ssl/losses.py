@@ -110,7 +110,7 @@ def sinkhorn_knopp(
     The reference iterates on Q = exp(z / t).T: Q /= sum(Q); then n times:
     Q /= rowsum (over all samples), Q /= K, Q /= colsum (per sample), Q /= B;
     finally Q *= B. Every step is a rescaling of all rows or all columns by
-    positive factors, so Q = diag(c) exp(z / t) diag(a) throughout, and the
+    positive factors, so Q = diag(c) exp(z / t).T diag(a) throughout, and the
     constants (the total, K, B) cancel: each normalisation divides out whatever
     scale the previous one left. The result is therefore determined by
     log c_k = -logsumexp_b(z_bk / t + log a_b) and
@@ -127,6 +127,8 @@ def sinkhorn_knopp(
     z = jax.lax.stop_gradient(_f32(teacher_logits))
     if z.ndim != 2:
         raise ValueError(f"sinkhorn_knopp: teacher_logits must be [N, K], got shape {z.shape}")
+    if n_iterations < 1:
+        raise ValueError(f"sinkhorn_knopp: n_iterations must be >= 1, got {n_iterations}")
     if valid is not None:
         valid = jnp.asarray(valid, bool)
         if valid.shape != z.shape[:1]:
@@ -142,7 +144,6 @@ def sinkhorn_knopp(
     log_a = jnp.zeros(z.shape[:1], jnp.float32)
     if valid is not None:
         log_a = jnp.where(valid, log_a, -jnp.inf)
-    log_c = jnp.zeros(z.shape[1:], jnp.float32)
     for _ in range(n_iterations):
         log_c = -_logsumexp_rows(x + log_a[:, None], axis_name)
         log_a = -jax.nn.logsumexp(x + log_c[None, :], axis=1)
@@ -179,7 +180,9 @@ def dino_cross_entropy(student_logits: jax.Array, teacher_probs: jax.Array, stud
     return -jnp.sum(jnp.sum(t, axis=0) * log_p) / s.shape[1]
 
 
-def ibot_loss(student_logits: jax.Array, teacher_probs: jax.Array, weights: jax.Array, n_images, student_temp) -> jax.Array:
+def ibot_loss(
+    student_logits: jax.Array, teacher_probs: jax.Array, weights: jax.Array, n_images, student_temp
+) -> jax.Array:
     """DINOv2 `iBOTPatchLoss.forward_masked` over a static buffer of masked tokens.
 
     student_logits, teacher_probs: [M, K] (M = the buffer's `upperbound` rows);
