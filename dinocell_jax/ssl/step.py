@@ -234,7 +234,7 @@ def make_train_step(config, models: Models, optimizer, schedules: Schedules, n_d
     """
     aug_cfg = augment.AugmentConfig.from_config(config)
     koleo_group = koleo_group_size(config, n_devices)
-    clip = float(config.optim.clip_grad)
+    clip = float(config.optim.clip_grad)  # <= 0: no clipping, norms still returned
     log_gradients = bool(config.wandb.log_gradients)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
@@ -253,10 +253,12 @@ def make_train_step(config, models: Models, optimizer, schedules: Schedules, n_d
             state.student, state.teacher, state.center, views, batch["masks"], temps,
             models, config, k_drop, koleo_group,
         )
-        if clip > 0:
-            grads, pre_clip = optim.clip_by_module(grads, clip)
-        else:
-            pre_clip = {name: _tree_norm(g) for name, g in grads.items()}
+        # Statistics of the raw gradients: what the clip threshold and the guide's
+        # health thresholds act on.
+        grad_metrics = optim.gradient_stats(grads) if log_gradients else {
+            "gradients/global_norm": _tree_norm(grads)
+        }
+        grads, pre_clip = optim.clip_by_module(grads, clip)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.student)
         student = optax.apply_updates(state.student, updates)
 
@@ -270,7 +272,9 @@ def make_train_step(config, models: Models, optimizer, schedules: Schedules, n_d
             return jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
 
         student = keep(student, state.student)
-        opt_state = keep(opt_state, state.opt_state)
+        # The moments stay, the update count advances: the optimiser's schedules
+        # follow the iteration (as logged), skipped or not.
+        opt_state = keep(opt_state, state.opt_state)._replace(count=opt_state.count)
         m = schedules.teacher_momentum(step)
         teacher = jax.tree.map(
             lambda t, s: jnp.where(finite, t * m + s * (1 - m), t), state.teacher, student
@@ -286,11 +290,9 @@ def make_train_step(config, models: Models, optimizer, schedules: Schedules, n_d
             "training/nonfinite": 1 - finite.astype(jnp.int32),
             "params/norm": _tree_norm(student),
             "params/update_norm": _tree_norm(updates),
-            "gradients/global_norm": _tree_norm(grads),
         }
+        metrics |= grad_metrics
         metrics |= {f"gradients/{name}_norm_preclip": n for name, n in pre_clip.items()}
-        if log_gradients:
-            metrics |= optim.gradient_stats(grads)
         new_state = state.replace(
             step=step + 1, student=student, teacher=teacher, opt_state=opt_state,
             center=center,
