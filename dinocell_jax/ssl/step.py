@@ -135,11 +135,7 @@ def _teacher_targets(config, logits, temp, center, valid=None):
     probs = losses.softmax_centered(logits, center, temp)
     if valid is not None:
         probs = probs * valid[:, None]
-        rows = jnp.where(valid[:, None], logits, 0.0)
-        mean = jnp.sum(rows, axis=0, keepdims=True) / jnp.maximum(jnp.sum(valid), 1)
-        new_center = center * config.loss.center_momentum + mean * (1 - config.loss.center_momentum)
-    else:
-        new_center = losses.update_center(center, logits, config.loss.center_momentum)
+    new_center = losses.update_center(center, logits, config.loss.center_momentum, valid=valid)
     return probs, new_center
 
 
