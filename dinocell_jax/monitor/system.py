@@ -1,0 +1,127 @@
+"""System metrics on the host: accelerator memory, GPU utilisation, host memory,
+and the time the training loop waits for its input pipeline.
+
+The original spent ~95% of each step waiting for data; `system/data_wait_fraction`
+is the number that shows it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+_GB = 1e9
+
+
+def _device_memory(devices: Sequence[Any]) -> dict[str, float]:
+    """Largest in-use / peak / limit over the devices: the fullest device is the one that OOMs.
+    Devices without memory statistics (the CPU backend returns None) contribute nothing."""
+    used, peak, limit = [], [], []
+    for device in devices:
+        try:
+            stats = device.memory_stats()
+        except Exception:  # noqa: BLE001 - unsupported on some backends / non-addressable devices
+            stats = None
+        if not stats:
+            continue
+        used.append(stats.get("bytes_in_use", 0))
+        peak.append(stats.get("peak_bytes_in_use", 0))
+        if "bytes_limit" in stats:
+            limit.append(stats["bytes_limit"])
+    if not used:
+        return {}
+    out = {"system/gpu_memory_gb": max(used) / _GB, "system/gpu_memory_peak_gb": max(peak) / _GB}
+    if limit:
+        out["system/gpu_memory_limit_gb"] = max(limit) / _GB
+    return out
+
+
+class _Nvml:
+    """pynvml, initialised once; unavailable (not installed, no driver) stays off quietly."""
+
+    handles: list | None = None
+
+    @classmethod
+    def utilization(cls) -> float | None:
+        if cls.handles is None:
+            try:
+                import pynvml
+
+                pynvml.nvmlInit()
+                cls.handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
+            except Exception:  # noqa: BLE001 - ImportError, NVMLError_LibraryNotFound, ...
+                cls.handles = []
+        if not cls.handles:
+            return None
+        import pynvml
+
+        try:
+            rates = [pynvml.nvmlDeviceGetUtilizationRates(h).gpu for h in cls.handles]
+        except Exception as e:  # noqa: BLE001
+            log.warning("NVML stopped answering (%r); GPU utilisation is no longer logged", e)
+            cls.handles = []
+            return None
+        return sum(rates) / len(rates)
+
+
+def system_metrics(devices: Sequence[Any]) -> dict[str, float]:
+    """Host-side system metrics, all floats.
+
+    Args:
+      devices: this process's devices (`jax.local_devices()`).
+
+    Returns:
+      `system/gpu_memory_gb`, `system/gpu_memory_peak_gb`, `system/gpu_memory_limit_gb`
+      (from `device.memory_stats()`, max over devices; SKIPPED where the backend has
+      no memory stats, e.g. CPU, rather than logged as a misleading 0);
+      `system/gpu_utilization` (percent, mean over this host's GPUs, via NVML when
+      pynvml is importable and a GPU answers); `system/host_memory_gb` (this
+      process's resident memory) and `system/host_memory_percent` (whole host).
+    """
+    import psutil
+
+    out = _device_memory(devices)
+    utilization = _Nvml.utilization()
+    if utilization is not None:
+        out["system/gpu_utilization"] = float(utilization)
+    out["system/host_memory_gb"] = psutil.Process().memory_info().rss / _GB
+    out["system/host_memory_percent"] = float(psutil.virtual_memory().percent)
+    return out
+
+
+class DataWaitTimer:
+    """Time the training loop spends blocked on its input pipeline.
+
+    Wrap each `next(iterator)` in `with timer.waiting():`; `pop()` at a log step
+    returns the interval's numbers and starts a new interval.
+    """
+
+    def __init__(self, clock=time.perf_counter):
+        self._clock = clock
+        self._start = clock()
+        self._wait = 0.0
+        self._count = 0
+
+    @contextlib.contextmanager
+    def waiting(self) -> Iterator[None]:
+        t0 = self._clock()
+        try:
+            yield
+        finally:
+            self._wait += self._clock() - t0
+            self._count += 1
+
+    def pop(self) -> dict[str, float]:
+        """`system/data_wait_s` (mean wait per batch, seconds) and `system/data_wait_fraction`
+        (share of the interval's wall time spent waiting); empty when nothing was timed."""
+        now = self._clock()
+        elapsed, wait, count = now - self._start, self._wait, self._count
+        self._start, self._wait, self._count = now, 0.0, 0
+        if count == 0:
+            return {}
+        return {"system/data_wait_s": wait / count, "system/data_wait_fraction": wait / max(elapsed, 1e-12)}
