@@ -179,6 +179,10 @@ def base_config() -> ml_collections.ConfigDict:
     e.knn_k = 20
     e.n_fields = 256
     e.batch_size = 32
+    # Phenotypic-activity mAP: the negative-control label ("" = JUMP's DMSO JCP2022_033924,
+    # or phenotype 0 of synthetic data), and the size of copairs' null distribution.
+    e.negative_control = ""
+    e.map_null_size = 1000
 
     c.mesh = ms = ml_collections.ConfigDict()
     ms.data = -1  # -1: all devices not used by the other axes
