@@ -168,13 +168,14 @@ class FileReader:
             if protocol in ("s3", "s3a"):
                 kwargs: dict[str, Any] = dict(
                     anon=self.anonymous,
-                    retries=1,
                     config_kwargs={"retries": {"total_max_attempts": 1}},
                     skip_instance_cache=True,
                 )
                 if self.endpoint_url:
                     kwargs["client_kwargs"] = {"endpoint_url": self.endpoint_url}
-                self._fs[protocol] = fsspec.filesystem("s3", **kwargs)
+                fs = fsspec.filesystem("s3", **kwargs)
+                fs.retries = 1  # s3fs's own retry loop (a class attribute, not a constructor argument)
+                self._fs[protocol] = fs
             else:
                 self._fs[protocol] = fsspec.filesystem(protocol)
         return self._fs[protocol]
@@ -439,6 +440,8 @@ def find_loaddata_files(spec: str, reader: FileReader) -> list[str]:
             if not found:
                 raise DataError(f"data.source loaddata: no file matches {item}")
             out += [proto + f if proto and not f.startswith(proto) else f for f in found]
+        elif item.endswith((".csv", ".csv.gz", ".parquet")):
+            out.append(item)  # no listing needed: a missing table fails at read time with its path
         elif fs.isdir(item):
             by_dir: dict[str, dict[str, str]] = collections.defaultdict(dict)
             for f in fs.find(item):
