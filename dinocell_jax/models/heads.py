@@ -71,7 +71,11 @@ class DINOHead(nnx.Module):
             if i < len(self.mlp) - 1:
                 x = jax.nn.gelu(x, approximate=False)
         x = x.astype(jnp.float32)
-        return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), L2_EPS)
+        # rsqrt(max(|x|^2, eps^2)) equals 1 / max(|x|, eps) but keeps a finite
+        # gradient at x = 0 (the zero rows padding the iBOT buffer); the norm's
+        # own gradient there is 0/0.
+        sq = jnp.sum(jnp.square(x), axis=-1, keepdims=True)
+        return x * jax.lax.rsqrt(jnp.maximum(sq, L2_EPS * L2_EPS))
 
     def prototypes(self, z: jax.Array) -> jax.Array:
         """z `[N, bottleneck_dim]` -> logits `[N, out_dim]` fp32."""

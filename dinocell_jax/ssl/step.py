@@ -125,7 +125,7 @@ def init_state(config, key: jax.Array, optimizer: optax.GradientTransformation) 
 
 
 def _tree_norm(tree) -> jax.Array:
-    return optax.global_norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
+    return optax.tree.norm(jax.tree.map(lambda x: x.astype(jnp.float32), tree))
 
 
 def _teacher_targets(config, logits, temp, center, valid=None):
