@@ -143,7 +143,8 @@ def _from_table(sd: dict[str, np.ndarray], table, expected: dict, what: str, ign
         value = _LAYOUTS[layout][0](sd[key])
         want = tuple(_get(expected, path).shape)
         if value.shape != want:
-            mismatched.append(f"{key}: {sd[key].shape} -> {value.shape}, expected {want} for {'/'.join(map(str, path))}")
+            where = "/".join(map(str, path))
+            mismatched.append(f"{key}: {sd[key].shape} -> {value.shape}, expected {want} for {where}")
             continue
         _set(params, path, jnp.asarray(value))
     used = {key for _, key, _ in table} | set(ignored)
@@ -236,7 +237,8 @@ def backbone_from_torch(state_dict: Mapping[str, Any], cfg: ViTConfig, *, prefix
                 f"rope_embed.periods: {theirs.shape} {theirs[:4]}... differ from cfg.rope_base={cfg.rope_base} "
                 f"({ours.shape} {ours[:4]}...); set model.rope_base to the checkpoint's")
     if "pos_embed" in sd and cfg.pos_embed != "learned":
-        raise StateDictError("pos_embed: the checkpoint has a learned position embedding; set model.pos_embed='learned'")
+        raise StateDictError(
+            "pos_embed: the checkpoint has a learned position embedding; set model.pos_embed='learned'")
     for key in [k for k in sd if k.endswith("attn.qkv.bias_mask")]:
         # Fold the DINOv3 key-bias mask into the bias: the result is right whatever cfg.mask_k_bias says.
         bias_key = key[: -len("_mask")]
