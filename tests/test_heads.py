@@ -54,8 +54,12 @@ def test_project_is_unit_norm_and_logits_fp32_under_bf16():
     logits = head.prototypes(z)
     assert logits.shape == (5, DIMS["out_dim"]) and logits.dtype == jnp.float32
     assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(nnx.state(head, nnx.Param)))
-    # A zero input stays finite (dinov2's eps), no NaN from 0/0.
+    # A zero row (iBOT buffer padding) stays finite, and so does its gradient: no NaN from 0/0.
     assert bool(jnp.all(jnp.isfinite(head.project(jnp.zeros((1, DIMS["in_dim"]))))))
+    for layer in head.mlp:
+        layer.bias[...] = jnp.zeros_like(layer.bias[...])
+    grads = nnx.grad(lambda h: jnp.sum(h(jnp.zeros((2, DIMS["in_dim"])))))(head)
+    assert all(bool(jnp.all(jnp.isfinite(g))) for g in jax.tree_util.tree_leaves(grads))
 
 
 def test_param_paths_and_init():
