@@ -131,7 +131,9 @@ def test_probe_report_pca_part():
         "mean_cls": rng.normal(size=(p, d)),
     }
     meta = {"plate": ["P1", "P1", "P2", "P2", "P3", "P3"], "well": [f"A0{i}" for i in range(p)]}
-    scalars, pictures, tables = figures.probe_report(outputs, meta, 5000, attention=False, pca=True, channel_names=CHANNELS)
+    scalars, pictures, tables = figures.probe_report(
+        outputs, meta, 5000, attention=False, pca=True, channel_names=CHANNELS
+    )
     pairs = [k for k in scalars if k.startswith("consistency/ch") and "_vs_ch" in k]
     assert len(pairs) == 10 and "consistency/ch4_vs_ch5" in pairs and "consistency/average" in scalars
     assert set(pictures) == {"pca/by_channel", "pca/by_plate", "pca/patch_rgb"}

@@ -118,7 +118,8 @@ def test_auto_name_and_secrets():
 def test_redact_secrets(monkeypatch):
     monkeypatch.setenv("WANDB_API_KEY", FAKE_KEY)
     out = redact_secrets({"a": {"api_key": "x", "note": f"key={FAKE_KEY}", "n": [1, FAKE_KEY]}, "token": 3})
-    assert out == {"a": {"api_key": "<redacted>", "note": "key=<redacted>", "n": [1, "<redacted>"]}, "token": "<redacted>"}
+    hidden = "<redacted>"
+    assert out == {"a": {"api_key": hidden, "note": f"key={hidden}", "n": [1, hidden]}, "token": hidden}
 
 
 def test_workdir_record_without_wandb(tmp_path, capsys, caplog):
@@ -129,7 +130,8 @@ def test_workdir_record_without_wandb(tmp_path, capsys, caplog):
     logger.log_metrics({"loss/total": np.float32(2.0), "training/lr": 1e-4}, step=10)
     logger.log_metrics({"val/loss/total": 3.0, "bad": np.ones(4)}, step=10)  # same step: one row; "bad" dropped
     logger.log_metrics({"loss/total": 1.0}, step=20)
-    logger.log_images({"attention/maps": np.zeros((8, 8, 3), np.uint8), "gallery": [np.ones((4, 4)), np.zeros((4, 4))]}, 20)
+    gallery = [np.ones((4, 4)), np.zeros((4, 4))]
+    logger.log_images({"attention/maps": np.zeros((8, 8, 3), np.uint8), "gallery": gallery}, 20)
     logger.log_images({"chw": np.zeros((3, 8, 8))}, 20)  # not HWC: refused on the writer, logged
     logger.log_histogram("backbone/weights", np.r_[np.arange(100.0), np.nan], 20, bins=10)
     logger.log_histogram("backbone/grads", (np.ones(4), np.arange(5.0)), 20)
@@ -193,7 +195,8 @@ def test_offline_run_holds_everything_and_no_api_key(tmp_path, monkeypatch):
     ckpt.mkdir(parents=True)
     (ckpt / "state").write_bytes(b"weights")
     logger.log_model_checkpoint(ckpt, 15, aliases=("final",))
-    logger.alert("gradient health", "gradients/global_norm = 12 at iteration 15 is above 10")
+    alert_text = "gradients/global_norm = 12 at iteration 15 is above 10"
+    logger.alert("gradient health", alert_text)
     for step in range(16, 400):
         logger.log_metrics({"custom/my_metric": step / 2}, step=step)
     logger.finish()
@@ -225,7 +228,7 @@ def test_offline_run_holds_everything_and_no_api_key(tmp_path, monkeypatch):
     assert run.values("custom/my_metric") == {s: s / 2 for s in range(16, 400)}
     assert path.stat().st_size > 2 * 32 * 1024
     assert run.summary["final/loss"] == 14
-    assert run.alerts == [{"title": "gradient health", "text": "gradients/global_norm = 12 at iteration 15 is above 10"}]
+    assert run.alerts == [{"title": "gradient health", "text": alert_text}]
 
     # The same scalars in the workdir's JSONL, the pictures as PNGs.
     rows = {r["training/iteration"]: r for r in _jsonl(workdir) if r["training/iteration"] <= 15}
@@ -310,7 +313,6 @@ def test_device_values_are_fetched_on_the_writer_thread(tmp_path):
     loss, weights = _DeviceValue(3.0), _DeviceValue(np.arange(8.0))
     logger.log_metrics({"loss/total": loss, "loss/dino": jnp.float32(1.5)}, step=7)
     logger.log_histogram("backbone/weights", weights, step=7)
-    assert loss.read_on == [] or loss.read_on == ["dinocell-tracker"]
     logger.finish()
     assert loss.read_on == weights.read_on == ["dinocell-tracker"]
     assert _jsonl(tmp_path)[0] == {**_jsonl(tmp_path)[0], "loss/total": 3.0, "loss/dino": 1.5}

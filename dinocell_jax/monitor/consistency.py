@@ -61,7 +61,9 @@ def channel_consistency(
     if mean_emb.shape != (n_fields, dim):
         raise ValueError(f"channel_consistency: mean_emb must be [{n_fields}, {dim}], got shape {mean_emb.shape}")
     if len(channel_names) != n_channels:
-        raise ValueError(f"channel_consistency: {len(channel_names)} channel_names {list(channel_names)} for {n_channels} channels")
+        raise ValueError(
+            f"channel_consistency: {len(channel_names)} channel_names {list(channel_names)} for {n_channels} channels"
+        )
 
     u = _unit(channel_emb)
     out: dict[str, float] = {}

@@ -144,7 +144,9 @@ def _render(fig) -> np.ndarray:
     return out
 
 
-def pca_scatter(features: np.ndarray, color_by: Mapping[str, Sequence[str]], *, title: str = "") -> dict[str, np.ndarray]:
+def pca_scatter(
+    features: np.ndarray, color_by: Mapping[str, Sequence[str]], *, title: str = ""
+) -> dict[str, np.ndarray]:
     """2D PCA scatter plots of one set of embeddings, one plot per colouring.
 
     Args:
@@ -165,7 +167,9 @@ def pca_scatter(features: np.ndarray, color_by: Mapping[str, Sequence[str]], *, 
     for name, labels in color_by.items():
         labels = [str(v) for v in labels]
         if len(labels) != features.shape[0]:
-            raise ValueError(f"pca_scatter: color_by[{name!r}] has {len(labels)} labels for {features.shape[0]} features")
+            raise ValueError(
+                f"pca_scatter: color_by[{name!r}] has {len(labels)} labels for {features.shape[0]} features"
+            )
         categories = list(dict.fromkeys(labels))
         colors = _colormap("tab10" if len(categories) <= 10 else "tab20")
         fig = Figure(figsize=(5, 4.2), dpi=100)

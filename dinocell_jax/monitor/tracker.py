@@ -144,13 +144,12 @@ class JsonlTracker(Tracker):
             arrays = [value] if isinstance(value, np.ndarray) else list(value)
             for k, array in enumerate(arrays):
                 suffix = "" if isinstance(value, np.ndarray) else f"_{k}"
-                Image.fromarray(np.asarray(array, np.uint8)).save(self.figures / f"{file_stem(name)}_{step}{suffix}.png")
+                path = self.figures / f"{file_stem(name)}_{step}{suffix}.png"
+                Image.fromarray(np.asarray(array, np.uint8)).save(path)
 
     def log_histogram(self, name, counts, edges, step):
-        self._append(
-            self.workdir / "histograms.jsonl",
-            {STEP_KEY: int(step), "name": name, "counts": np.asarray(counts).tolist(), "edges": np.asarray(edges).tolist()},
-        )
+        row = {STEP_KEY: int(step), "name": name, "counts": np.asarray(counts).tolist()}
+        self._append(self.workdir / "histograms.jsonl", {**row, "edges": np.asarray(edges).tolist()})
 
     def log_table(self, name, columns, rows, step):
         tables = self.workdir / "tables"
@@ -350,14 +349,11 @@ class WandbTracker(Tracker):
         self._log({k: _json_value(v) for k, v in scalars.items()}, step)
 
     def log_images(self, images, step):
-        image = self._wandb.Image
-        self._log(
-            {
-                k: image(np.asarray(v, np.uint8)) if isinstance(v, np.ndarray) else [image(np.asarray(a, np.uint8)) for a in v]
-                for k, v in images.items()
-            },
-            step,
-        )
+        def image(a):
+            return self._wandb.Image(np.asarray(a, np.uint8))
+
+        row = {k: image(v) if isinstance(v, np.ndarray) else [image(a) for a in v] for k, v in images.items()}
+        self._log(row, step)
 
     def log_histogram(self, name, counts, edges, step):
         self._log({name: self._wandb.Histogram(np_histogram=(np.asarray(counts), np.asarray(edges)))}, step)
