@@ -177,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         accumulator.add({"training/step_time": step_time, "data/wait_s": wait_s})
         msg = health.check(float(metrics["gradients/global_norm"]), step)
         if msg:
-            log.warning(msg)
-            logger.alert("gradient health", msg)
+            logger.alert("gradient health", msg)  # also printed on the console
         done = step + 1
         if progress is not None:
             progress.update(1)
@@ -200,49 +199,45 @@ def main(argv: list[str] | None = None) -> int:
     pending = None  # (step, metrics, step_time, wait) of the step in flight
     bad_steps = [0]  # consecutive non-finite steps
     last = time.perf_counter()
-    step = start_step
     try:
-        for step in range(start_step, total_steps):
-            t0 = time.perf_counter()
-            local = next(train_iter)
-            wait_s = time.perf_counter() - t0
-            local = {k: local[k] for k in ("field", "norm_low", "norm_high")}
-            local["masks"] = step_lib.host_masks(config, step)[local_rows]
-            batch = parallel.to_global_batch(local, mesh)
-            state, metrics = train_step(state, batch)
+        with jax.set_mesh(mesh):  # drop path draws its subset per device, as DINOv2 per GPU
+            for step in range(start_step, total_steps):
+                t0 = time.perf_counter()
+                local = next(train_iter)
+                wait_s = time.perf_counter() - t0
+                local = {k: local[k] for k in ("field", "norm_low", "norm_high")}
+                local["masks"] = step_lib.host_masks(config, step)[local_rows]
+                batch = parallel.to_global_batch(local, mesh)
+                state, metrics = train_step(state, batch)
+                if pending is not None:
+                    handle(*pending)
+                now = time.perf_counter()
+                pending = (step, metrics, now - last, wait_s)
+                last = now
+                done = step + 1
+                want_attention = wandb_cfg.log_attention_maps and done % wandb_cfg.attention_log_interval == 0
+                want_pca = wandb_cfg.log_feature_pca and done % wandb_cfg.pca_log_interval == 0
+                if want_attention or want_pca:
+                    # Dispatched here, fetched and drawn on the logger's thread.
+                    logger.log_probe(
+                        metrics_fn(state.teacher, probe), probe_meta, done,
+                        attention=want_attention, pca=want_pca,
+                        channel_names=list(config.data.channels.keys()),
+                    )
+                if done % config.checkpoint.interval == 0 and done < total_steps:
+                    save(done)
+                if stop.requested(done):
+                    log.info("%s received: saving at step %d and exiting", stop.signal, done)
+                    break
             if pending is not None:
                 handle(*pending)
-            now = time.perf_counter()
-            pending = (step, metrics, now - last, wait_s)
-            last = now
-            done = step + 1
-            want_attention = wandb_cfg.log_attention_maps and done % wandb_cfg.attention_log_interval == 0
-            want_pca = wandb_cfg.log_feature_pca and done % wandb_cfg.pca_log_interval == 0
-            if want_attention or want_pca:
-                outputs = jax.device_get(metrics_fn(state.teacher, probe))
-                scalars, images, tables = logger_lib.probe_report(
-                    outputs, probe_meta, done, attention=want_attention, pca=want_pca,
-                    channel_names=list(config.data.channels.keys()),
-                )
-                scalars["training/iteration"] = done
-                logger.log_metrics(scalars, done)
-                logger.log_images(images, done)
-                for table in tables:
-                    logger.log_table(*table, step=done)
-            if done % config.checkpoint.interval == 0 and done < total_steps:
-                save(done)
-            if stop.requested(done):
-                log.info("%s received: saving at step %d and exiting", stop.signal, done)
-                break
-        if pending is not None:
-            handle(*pending)
-            pending = None
-        save(int(jax.device_get(state.step)), force=True)
-        checkpointer.wait()
-        if wandb_cfg.log_model_checkpoints:
-            final = int(jax.device_get(state.step))
-            aliases = ["latest", f"step-{final}"] + (["final"] if final == total_steps else [])
-            logger.log_model_checkpoint(os.path.join(checkpointer.directory, str(final)), final, aliases)
+                pending = None
+            save(int(jax.device_get(state.step)), force=True)
+            checkpointer.wait()
+            if wandb_cfg.log_model_checkpoints:
+                final = int(jax.device_get(state.step))
+                aliases = ["latest", f"step-{final}"] + (["final"] if final == total_steps else [])
+                logger.log_model_checkpoint(os.path.join(checkpointer.directory, str(final)), final, aliases)
     finally:
         if progress is not None:
             progress.close()
