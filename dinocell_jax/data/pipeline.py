@@ -281,6 +281,12 @@ class DataIterator:
         self._read = int(state.get("fields_read", 0))
         self._skipped = int(state.get("fields_skipped", 0))
 
+    def close(self) -> None:
+        """Stops grain's worker processes and threads now rather than at garbage collection."""
+        close = getattr(self._it, "close", None)
+        if close is not None:
+            close()
+
     def stats(self) -> dict[str, float]:
         """Counters since the start of the run (restored with the state); wait_s: time spent waiting for fields."""
         return {
