@@ -24,6 +24,7 @@ from dinocell_jax import checkpoint as ckpt_lib
 from dinocell_jax import cli, parallel
 from dinocell_jax import config as config_lib
 from dinocell_jax.data import pipeline
+from dinocell_jax.data.sources import channel_list
 from dinocell_jax.monitor import logger as logger_lib
 from dinocell_jax.monitor.system import system_metrics
 from dinocell_jax.ssl import optim
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     train_iter = pipeline.make_iterator(config, "train", seed=config.seed)
     holdout = pipeline.make_source(config, "holdout")
     probe, probe_meta = _probe_batch(config, holdout, mesh)
+    channel_names = [c.name for c in channel_list(config.data)]  # the planes' order in a field
     local_rows = slice(
         jax.process_index() * parallel.host_local_batch_size(config.train.batch_size),
         (jax.process_index() + 1) * parallel.host_local_batch_size(config.train.batch_size),
@@ -222,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
                     logger.log_probe(
                         metrics_fn(state.teacher, probe), probe_meta, done,
                         attention=want_attention, pca=want_pca,
-                        channel_names=list(config.data.channels.keys()),
+                        channel_names=channel_names,
                     )
                 if done % config.checkpoint.interval == 0 and done < total_steps:
                     save(done)

@@ -29,6 +29,7 @@ import numpy as np  # noqa: E402
 
 from dinocell_jax import cli, parallel  # noqa: E402
 from dinocell_jax import config as config_lib  # noqa: E402
+from dinocell_jax.data.sources import channel_list  # noqa: E402
 from dinocell_jax.ssl import optim  # noqa: E402
 from dinocell_jax.ssl import step as step_lib  # noqa: E402
 from dinocell_jax.ssl.schedules import Schedules  # noqa: E402
@@ -83,7 +84,7 @@ def main(argv=None):
     shardings = parallel.state_shardings(abstract, mesh, config)
     state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
 
-    b, n_ch, f = config.train.batch_size, len(config.data.channels), config.data.field_size
+    b, n_ch, f = config.train.batch_size, len(channel_list(config.data)), config.data.field_size
     rng = np.random.default_rng(0)
     host = {
         "field": rng.integers(100, 60000, (b, n_ch, f, f), dtype=np.uint16),

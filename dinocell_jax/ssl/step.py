@@ -22,6 +22,7 @@ from flax import nnx, struct
 
 from dinocell_jax import config as config_lib
 from dinocell_jax.data import augment
+from dinocell_jax.data.sources import channel_list
 from dinocell_jax.models import heads as heads_lib
 from dinocell_jax.models import vit as vit_lib
 from dinocell_jax.ssl import losses, masking, optim
@@ -41,8 +42,9 @@ class TrainState:
 
 
 def input_channels(config) -> int:
+    """Channels of the model's input: 1 (a channel or the channel mean) or all planes stacked."""
     if config.data.strategy == "stacked":
-        return len(config.data.channels)
+        return len(channel_list(config.data))
     return 1
 
 
