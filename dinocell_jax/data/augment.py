@@ -11,7 +11,10 @@ window of the field large enough for the largest crop its scale range allows,
 then resizes that window with `jax.image.scale_and_translate` (a separable
 matmul); no crop ever gathers from the whole field per output pixel. The only
 full-field pass is the channel mean, once per image, for the strategies that
-need it.
+need it. Measured on one H200 (jax 0.11.2), 1080x1080 fields, 2 x 224 + 8 x 96
+crops: multiview 4.4 ms at batch 64 (4.9 ms reading whole fields instead of
+windows, 7.0 ms with HIGHEST-precision resizes), 7.6 ms at batch 128; average
+4.3 ms and stacked (5 input channels) 16 ms at batch 64.
 
 Channel ids in the outputs: c >= 0 a single stain (config.CHANNELS order),
 MEAN_CHANNEL = -1 the mean of the stains, ALL_CHANNELS = -2 all stains stacked.
@@ -81,9 +84,8 @@ class AugmentConfig:
         if len(self.blur_p_global) != 2:
             raise ValueError(f"AugmentConfig.blur_p_global: {self.blur_p_global} needs one probability per global crop")
         if self.global_size <= BLUR_RADIUS or self.local_size <= BLUR_RADIUS:
-            raise ValueError(
-                f"AugmentConfig: crop sizes ({self.global_size}, {self.local_size}) must exceed the blur radius {BLUR_RADIUS}"
-            )
+            raise ValueError(f"AugmentConfig: crop sizes ({self.global_size}, {self.local_size}) "
+                             f"must exceed the blur radius {BLUR_RADIUS}")
         if self.n_local < 0:
             raise ValueError(f"AugmentConfig.n_local: {self.n_local} must be >= 0")
 

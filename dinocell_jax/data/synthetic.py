@@ -207,8 +207,9 @@ class SyntheticCellPainting:
         Centres sit on a jittered lattice of integer period s, so the nearest centre
         of a pixel is among the 3x3 lattice slots around its own: the search runs
         blockwise on an [nb, s, nb, s] canvas (a reshape of the image) with no gathers.
-        Returns (slot id int [S,S], d1, d2 float32 [S,S], dy, dx offsets to the
-        nearest centre, slot arrays dict).
+        Returns slot (int [S,S], flat lattice slot of the nearest centre), d1, d2
+        (float32 [S,S], distances to the nearest and second-nearest centre), dy, dx
+        (float32 [S,S], offset from the nearest centre), the slot count and s.
         """
         size = self.field_size
         s = max(8, int(round(ph.spacing * math.exp(rng.normal(0.0, 0.06)))))
@@ -267,8 +268,9 @@ class SyntheticCellPainting:
         inv_a = (1.0 / semi_major).astype(np.float32)
         inv_b = (aspect / semi_major).astype(np.float32)
         cos, sin = np.cos(angle).astype(np.float32), np.sin(angle).astype(np.float32)
-        # DNA content: G1 cells, and ~15% G2 cells with twice the DNA.
-        dna = (np.exp(rng.normal(0.0, 0.12, n_slots)) * np.where(rng.random(n_slots) < 0.15, 1.7, 1.0)).astype(np.float32)
+        # DNA content: most cells in G1, ~15% in S/G2 with up to twice the DNA.
+        cycle = np.where(rng.random(n_slots) < 0.15, 1.7, 1.0)
+        dna = (np.exp(rng.normal(0.0, 0.12, n_slots)) * cycle).astype(np.float32)
         cell_gain = np.exp(rng.normal(0.0, 0.2, (5, n_slots))).astype(np.float32)
 
         r = radius[slot]
