@@ -63,12 +63,37 @@ def analytic_flops_per_field(config, models) -> float:
     return backbone + heads
 
 
+def print_top_kernels(trace_dir: str, n_steps: int, top: int = 25) -> None:
+    """Device time per kernel name from the Perfetto trace, summed over the traced steps."""
+    import glob
+    import gzip
+
+    path = sorted(glob.glob(os.path.join(trace_dir, "**", "*perfetto_trace.json.gz"), recursive=True))[-1]
+    with gzip.open(path) as f:
+        trace = json.load(f)
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    # Device threads are the ones whose process name mentions the GPU.
+    pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+            and "/device:" in str(e.get("args", {}).get("name", ""))}
+    if not pids:  # CPU: XLA's ops run on host threads
+        pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    totals: dict[str, float] = {}
+    for e in events:
+        if e.get("ph") == "X" and e.get("pid") in pids:
+            totals[e["name"]] = totals.get(e["name"], 0.0) + e.get("dur", 0.0)
+    total = sum(totals.values())
+    print(f"device kernel time per step: {total / n_steps / 1e3:.1f} ms")
+    for name, dur in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
+        print(f"{dur / n_steps / 1e3:8.2f} ms {100 * dur / total:5.1f}%  {name[:110]}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="timed steps")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps after compile")
     parser.add_argument("--window", type=int, default=5, help="steps per timed window")
     parser.add_argument("--no-aug", action="store_true", help="feed ready-made crops")
+    parser.add_argument("--profile", default="", help="also trace 3 steps into this dir and print the top GPU kernels")
     args, rest = parser.parse_known_args(argv)
     config, _ = cli.parse_config(rest)
     config.wandb.enabled = False
@@ -122,6 +147,12 @@ def main(argv=None):
         jax.block_until_ready(metrics)
         windows.append((time.perf_counter() - t0) / args.window)
     step_s = float(np.median(windows))
+    if args.profile:
+        with jax.profiler.trace(args.profile, create_perfetto_trace=True):
+            for _ in range(3):
+                state, metrics = compiled(state, batch)
+            jax.block_until_ready(metrics)
+        print_top_kernels(args.profile, n_steps=3)
     loss = float(metrics["loss/total"])
     flops = analytic_flops_per_field(config, models) * b
     device = jax.devices()[0]
