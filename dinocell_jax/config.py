@@ -190,11 +190,18 @@ def base_config() -> ml_collections.ConfigDict:
     # (regex over parameter paths, mesh axis of the largest dim); first match wins.
     ms.fsdp_rules = ((".*", "fsdp"),)
 
+    # Multi-process launches (parallel.initialize): empty / -1 = from the launcher's
+    # environment (JAX_* variables, SLURM srun, Open MPI); see README "Multi-host".
     c.distributed = ds = ml_collections.ConfigDict()
-    ds.coordinator_address = ""
+    ds.coordinator_address = ""  # host:port of process 0
     ds.num_processes = -1
     ds.process_id = -1
-    ds.initialization_timeout = 300
+    ds.local_device_ids = ""  # "0,1": this process's GPUs; "" = its local rank's GPU, or all with one task per node
+    ds.initialization_timeout = 300  # s for every process to reach the coordinator (JAX default)
+    ds.heartbeat_timeout = 100  # s without heartbeats before a process is declared dead (JAX default)
+    ds.shutdown_timeout = 120  # s the processes wait for each other at shutdown (JAX: 300); bounds a failed job's exit
+    ds.barrier_timeout = 600  # s at our barriers (start, exit); covers a slow final checkpoint
+    ds.cpu_collectives = "gloo"  # cross-process collectives of the CPU backend (tests, CPU clusters)
     return c
 
 

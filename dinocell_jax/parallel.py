@@ -4,12 +4,24 @@ One mesh with a `data` axis (batch) and an `fsdp` axis (batch too, and the
 parameters and optimiser state split by the regex rules of `mesh.fsdp_rules`).
 With `mesh.fsdp = 1` every parameter is replicated and this is plain data
 parallelism.
+
+Multi-host runs use JAX's own distributed runtime: every process runs the same
+command, `initialize(config)` connects it to the coordinator (process 0), and
+from then on `jax.devices()` lists every process's devices, so the mesh spans
+them all. `detect_launch` reads who we are from the config or the launcher's
+environment (explicit `JAX_*` variables, SLURM `srun`, Open MPI `mpirun`).
+A process that dies stops sending heartbeats and the coordination service
+terminates the others within `distributed.heartbeat_timeout` seconds; barriers
+carry `distributed.barrier_timeout`; so a broken job ends instead of hanging.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import os
 import re
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -18,6 +30,12 @@ from jax.sharding import AxisType, NamedSharding
 from dinocell_jax.ssl.optim import param_paths
 
 BATCH_AXES = ("data", "fsdp")
+
+log = logging.getLogger(__name__)
+
+
+class DistributedError(RuntimeError):
+    """A multi-process launch that cannot start or cannot go on; the message names the setting."""
 
 
 def make_mesh(config, devices=None) -> jax.sharding.Mesh:
@@ -78,6 +96,26 @@ def host_local_batch_size(global_batch: int) -> int:
     return global_batch // jax.process_count()
 
 
+def process_rows(mesh, global_batch: int) -> slice:
+    """Rows of the global batch that this process's devices hold under `batch_sharding`.
+
+    Host-made per-row inputs (iBOT masks) must be sliced with this, not with
+    `process_index * local_batch`: the mesh decides where a process's rows sit.
+    Raises DistributedError when they are not one contiguous block (a mesh whose
+    device order interleaves processes), since a process's data is contiguous.
+    """
+    index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch,))
+    starts = sorted({idx[0].indices(global_batch)[:2] for idx in index_map.values()})
+    lo, hi = starts[0][0], starts[-1][1]
+    covered = sum(stop - start for start, stop in starts)
+    if covered != hi - lo:
+        raise DistributedError(
+            f"process {jax.process_index()} holds batch rows {starts}, not one contiguous block; "
+            "order the mesh devices process by process"
+        )
+    return slice(lo, hi)
+
+
 def to_global_batch(local_batch: dict, mesh) -> dict:
     """Numpy arrays of this process's part of the batch -> global jax.Arrays."""
     sharding = batch_sharding(mesh)
@@ -87,34 +125,213 @@ def to_global_batch(local_batch: dict, mesh) -> dict:
     }
 
 
-def _launcher_world_size() -> int:
-    """Processes of a multi-process launch seen in the environment (1 if none)."""
-    for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "JAX_NUM_PROCESSES"):
-        value = os.environ.get(var, "")
-        if value.isdigit():
-            return int(value)
-    # Kubernetes JobSet / indexed Job: the pod count is in our config or env.
-    return 1
 
 
-def initialize(config) -> None:
-    """jax.distributed.initialize for multi-process launches; a no-op for one process.
+# ----------------------------------------------------------------------------- multi-host
 
-    Explicit `distributed.*` config (or JAX_COORDINATOR_ADDRESS) wins; otherwise
-    JAX's own cluster detection (SLURM, Open MPI, Kubernetes) fills in the
-    coordinator, process count and id.
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """Who this process is in a multi-process job, as handed to jax.distributed.initialize.
+
+    A None field is left to JAX's own cluster detection; `local_device_ids`
+    None means every accelerator of the host is this process's.
     """
+
+    launcher: str  # "explicit" (config / JAX_* variables), "slurm" or "openmpi"
+    coordinator_address: str | None
+    num_processes: int
+    process_id: int | None
+    local_device_ids: tuple[int, ...] | None
+
+
+def _int_env(env: Mapping[str, str], name: str) -> int | None:
+    value = env.get(name, "").strip()
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise DistributedError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _device_ids(spec: str, what: str) -> tuple[int, ...] | None:
+    spec = spec.strip()
+    if not spec:
+        return None
+    try:
+        return tuple(int(x) for x in spec.split(","))
+    except ValueError:
+        raise DistributedError(f"{what}={spec!r} is not a comma-separated list of device ids") from None
+
+
+def _slurm_first_host(nodelist: str) -> str:
+    """First host name of a SLURM node list: 'gpu[003-010,012],cpu1' -> 'gpu003'."""
+    head = re.match(r"([^,\[]*)(\[([^\]]*)\])?", nodelist.strip())
+    prefix, ranges = head.group(1), head.group(3)
+    if not prefix and not ranges:
+        raise DistributedError(f"SLURM_STEP_NODELIST={nodelist!r}: no host name in it")
+    return prefix + (re.split(r"[,-]", ranges)[0] if ranges else "")
+
+
+def _slurm_tasks_on_node(env: Mapping[str, str]) -> int | None:
+    """Tasks of this step on this node, from SLURM_STEP_TASKS_PER_NODE ('4(x2),3') and SLURM_NODEID."""
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or ""
+    counts = []
+    for part in filter(None, spec.split(",")):
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            return None
+        counts += [int(m.group(1))] * int(m.group(2) or 1)
+    node = _int_env(env, "SLURM_NODEID") or 0
+    return counts[node] if node < len(counts) else None
+
+
+def _one_visible_gpu(env: Mapping[str, str]) -> bool:
+    visible = env.get("CUDA_VISIBLE_DEVICES", "").strip()
+    return bool(visible) and "," not in visible
+
+
+def detect_launch(config, env: Mapping[str, str] | None = None) -> Launch | None:
+    """This process's place in a multi-process launch, or None when it runs alone.
+
+    Precedence: `distributed.*` config keys, then `JAX_COORDINATOR_ADDRESS`,
+    `JAX_NUM_PROCESSES`, `JAX_PROCESS_ID` (Kubernetes, hand-made launches), then
+    a SLURM `srun` step (SLURM_STEP_NODELIST and SLURM_PROCID; a batch script
+    run without srun is one process), then Open MPI's `mpirun`. With several
+    tasks on a node each process takes the GPU of its local rank; with one task
+    per node it takes all of them (JAX's own detection would take only GPU 0).
+    """
+    env = os.environ if env is None else env
     d = config.distributed
-    explicit = d.coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS", "")
-    if not explicit and _launcher_world_size() <= 1:
-        return
+    address = d.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS", "")
+    count = int(d.num_processes) if d.num_processes > 0 else _int_env(env, "JAX_NUM_PROCESSES")
+    pid = int(d.process_id) if d.process_id >= 0 else _int_env(env, "JAX_PROCESS_ID")
+    local_ids = _device_ids(d.local_device_ids, "config.distributed.local_device_ids")
+    if local_ids is None:
+        local_ids = _device_ids(env.get("JAX_LOCAL_DEVICE_IDS", ""), "JAX_LOCAL_DEVICE_IDS")
+
+    if count is not None and count <= 1:
+        return None
+    if address and count is not None and pid is not None:
+        launch = Launch("explicit", address, count, pid, local_ids)
+    elif "SLURM_STEP_NODELIST" in env and "SLURM_PROCID" in env:
+        count = count or _int_env(env, "SLURM_STEP_NUM_TASKS") or _int_env(env, "SLURM_NTASKS")
+        if not count or count <= 1:
+            return None
+        if not address:
+            # Same rule on every task: the first node, a port derived from the job id
+            # (JAX_COORDINATOR_PORT overrides it) so concurrent jobs do not collide.
+            port = env.get("JAX_COORDINATOR_PORT") or str(
+                (_int_env(env, "SLURM_JOB_ID") or 0) % 4096 + 61440)
+            address = f"{_slurm_first_host(env['SLURM_STEP_NODELIST'])}:{port}"
+        pid = _int_env(env, "SLURM_PROCID") if pid is None else pid
+        if local_ids is None and (_slurm_tasks_on_node(env) or 1) > 1 and not _one_visible_gpu(env):
+            local_ids = (_int_env(env, "SLURM_LOCALID") or 0,)
+        launch = Launch("slurm", address, count, pid, local_ids)
+    elif _int_env(env, "OMPI_COMM_WORLD_SIZE"):
+        count = count or _int_env(env, "OMPI_COMM_WORLD_SIZE")
+        if count <= 1:
+            return None
+        pid = _int_env(env, "OMPI_COMM_WORLD_RANK") if pid is None else pid
+        local_size = _int_env(env, "OMPI_COMM_WORLD_LOCAL_SIZE") or 1
+        if local_ids is None and local_size > 1 and not _one_visible_gpu(env):
+            local_ids = (_int_env(env, "OMPI_COMM_WORLD_LOCAL_RANK") or 0,)
+        # The coordinator comes from mpirun's URI through JAX's detection when not given.
+        launch = Launch("openmpi", address or None, count, pid, local_ids)
+    elif address or count is not None or pid is not None:
+        missing = [name for name, value in (("coordinator_address", address), ("num_processes", count),
+                                            ("process_id", pid)) if value in ("", None)]
+        raise DistributedError(
+            f"multi-process launch is missing {missing}: set config.distributed.<key> or the "
+            "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID variables together"
+        )
+    else:
+        return None
+    if launch.process_id is not None and not 0 <= launch.process_id < launch.num_processes:
+        raise DistributedError(
+            f"{launch.launcher} launch: process_id={launch.process_id} is not in "
+            f"[0, num_processes={launch.num_processes})"
+        )
+    return launch
+
+
+def initialize(config, env: Mapping[str, str] | None = None) -> Launch | None:
+    """Joins the multi-process job this process belongs to; a no-op for one process.
+
+    Calls jax.distributed.initialize once, with the `distributed.*` timeouts:
+    a process that cannot reach the coordinator within `initialization_timeout`
+    seconds aborts (so does every other one), and a process that stops sending
+    heartbeats for `heartbeat_timeout` seconds brings the others down. On CPU
+    the cross-process collectives are `distributed.cpu_collectives` (gloo).
+    Returns the Launch used (None when alone).
+    """
+    launch = detect_launch(config, env)
+    if launch is None:
+        return None
     if jax.distributed.is_initialized():
+        return launch
+    d = config.distributed
+    try:
+        jax.config.update("jax_cpu_collectives_implementation", d.cpu_collectives)
+    except AttributeError:  # a JAX without the option has only one CPU collectives backend
+        pass
+    detection = "deactivate" if launch.launcher in ("explicit", "slurm") else None
+    log.info(
+        "process %s of %d (%s launch): connecting to coordinator %s, local devices %s, "
+        "timeouts: initialization %ds, heartbeat %ds",
+        launch.process_id, launch.num_processes, launch.launcher, launch.coordinator_address,
+        "all" if launch.local_device_ids is None else list(launch.local_device_ids),
+        d.initialization_timeout, d.heartbeat_timeout,
+    )
+    jax.distributed.initialize(
+        coordinator_address=launch.coordinator_address,
+        num_processes=launch.num_processes,
+        process_id=launch.process_id,
+        local_device_ids=None if launch.local_device_ids is None else list(launch.local_device_ids),
+        cluster_detection_method=detection,
+        initialization_timeout=int(d.initialization_timeout),
+        heartbeat_timeout_seconds=int(d.heartbeat_timeout),
+        shutdown_timeout_seconds=int(d.shutdown_timeout),
+    )
+    log.info("process %d of %d joined: %d devices in all, %d here", jax.process_index(),
+             jax.process_count(), jax.device_count(), jax.local_device_count())
+    return launch
+
+
+_barrier_count = 0
+
+
+def barrier(name: str, timeout_s: float) -> None:
+    """Waits until every process reaches barrier `name`; no-op for one process.
+
+    Raises DistributedError naming the barrier when some process has not arrived
+    after `timeout_s` seconds (it failed, or it is stuck elsewhere). Every
+    process must pass the same names in the same order.
+    """
+    global _barrier_count
+    if jax.process_count() == 1:
         return
-    kwargs = {"initialization_timeout": int(d.initialization_timeout)}
-    if d.coordinator_address:
-        kwargs["coordinator_address"] = d.coordinator_address
-    if d.num_processes > 0:
-        kwargs["num_processes"] = int(d.num_processes)
-    if d.process_id >= 0:
-        kwargs["process_id"] = int(d.process_id)
-    jax.distributed.initialize(**kwargs)
+    _barrier_count += 1
+    barrier_id = f"dinocell:{name}:{_barrier_count}"
+    from jax._src import distributed  # the client's barrier is the one with a timeout
+
+    client = distributed.global_state.client
+    if client is None:  # processes started by something other than jax.distributed
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(barrier_id)
+        return
+    try:
+        client.wait_at_barrier(barrier_id, int(timeout_s * 1000))
+    except Exception as e:  # the client raises XlaRuntimeError (DEADLINE_EXCEEDED, ...)
+        raise DistributedError(
+            f"barrier {name!r}: not every one of the {jax.process_count()} processes arrived within "
+            f"{timeout_s:.0f} s (config.distributed.barrier_timeout); see the other processes' logs: {e}"
+        ) from e
+
+
+def shutdown() -> None:
+    """Leaves the distributed runtime (after the last collective); no-op when not initialised."""
+    if jax.distributed.is_initialized():
+        jax.distributed.shutdown()
