@@ -47,6 +47,10 @@ class _StopRequest:
             signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
+        if self.signal is not None:
+            # A second signal means "now": unwind (the finally blocks still wait for
+            # a save in flight, so the last finished checkpoint stays usable).
+            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}")
         self.signal = signal.Signals(signum).name
 
     def requested(self, step: int) -> bool:
@@ -74,6 +78,9 @@ def _probe_batch(config, source, mesh) -> tuple[dict, dict]:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     config, workdir = cli.parse_config(sys.argv[1:] if argv is None else argv)
+    # Installed first: a preemption notice during start-up or compilation still
+    # ends in a clean save after the first step.
+    stop = _StopRequest()
     parallel.initialize(config)
     config_lib.validate(config, jax.device_count())
     is_main = jax.process_index() == 0
@@ -116,19 +123,27 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     # ---- Checkpoint: resume from the workdir, or from checkpoint.resume_from
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"), config)
-    resume_dir = config.checkpoint.resume_from
-    source_ckpt = checkpointer if checkpointer.latest_step() is not None or not resume_dir else (
-        ckpt_lib.Checkpointer(resume_dir, config)
-    )
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR), config)
+    if is_main:
+        checkpointer.remove_unfinished()
+    source_ckpt, source_step = checkpointer, None
+    if checkpointer.latest_step() is None and config.checkpoint.resume_from:
+        resume_dir, source_step = ckpt_lib.resolve_checkpoint_path(config.checkpoint.resume_from)
+        source_ckpt = ckpt_lib.Checkpointer(resume_dir, config, read_only=True)
     if source_ckpt.latest_step() is not None:
-        state, data_state, meta = source_ckpt.restore(abstract)
+        state, data_state, meta = source_ckpt.restore(abstract, source_step)
         train_iter.set_state(data_state)
+        changes = ckpt_lib.config_changes(meta.get("config", {}), config)
+        if changes:
+            log.warning("config differs from the checkpoint's in %d keys:\n  %s", len(changes),
+                        "\n  ".join(changes[:30]))
         log.info("resumed from %s at step %d", source_ckpt.directory, int(state.step))
+        if source_ckpt is not checkpointer:
+            source_ckpt.close()
     else:
         state = jax.jit(init, out_shardings=shardings)(init_key)
         if config.model.init_from:
-            state = step_lib.load_pretrained(state, config, config.model.init_from)
+            state = ckpt_lib.load_pretrained(state, config, config.model.init_from)
     start_step = int(state.step)
 
     # ---- Steps
@@ -148,8 +163,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     accumulator = logger_lib.MetricAccumulator()
     health = logger_lib.GradientHealth(config.wandb.grad_norm_high, config.wandb.grad_norm_low)
-    stop = _StopRequest()
     wandb_cfg = config.wandb
+    if wandb_cfg.log_model_checkpoints and wandb_cfg.enabled and logger.enabled:
+        # Each save is uploaded once Orbax has finalised it, from a hard-linked snapshot.
+        checkpointer.publish_artifacts(
+            logger, final_step=total_steps, staging_dir=os.path.join(workdir, ckpt_lib.UPLOAD_SUBDIR),
+            artifacts_log=os.path.join(workdir, "artifacts.jsonl"),
+        )
     progress = None
     if is_main and config.train.progress_bar:
         from tqdm import tqdm
@@ -157,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         progress = tqdm(total=total_steps, initial=start_step, unit="it", dynamic_ncols=True)
 
     def save(step_done: int, force: bool = False):
-        meta = {"wandb_run_id": logger.wandb_run_id, "config": config_lib.to_dict(config),
-                "versions": {"jax": jax.__version__}}
+        meta = ckpt_lib.run_metadata(config, logger.wandb_run_id)
         checkpointer.save(step_done, state, train_iter.get_state(), meta, force=force)
 
     def handle(step: int, metrics: dict, step_time: float, wait_s: float):
@@ -236,15 +255,12 @@ def main(argv: list[str] | None = None) -> int:
                 pending = None
             save(int(jax.device_get(state.step)), force=True)
             checkpointer.wait()
-            if wandb_cfg.log_model_checkpoints:
-                final = int(jax.device_get(state.step))
-                aliases = ["latest", f"step-{final}"] + (["final"] if final == total_steps else [])
-                logger.log_model_checkpoint(os.path.join(checkpointer.directory, str(final)), final, aliases)
     finally:
         if progress is not None:
             progress.close()
-        checkpointer.close()
-        logger.finish()
+        checkpointer.close()  # the save in flight lands; finished steps go to the uploader
+        logger.finish()  # drains the uploads
+        checkpointer.discard_snapshots()
     return 0
 
 
