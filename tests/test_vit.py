@@ -156,6 +156,32 @@ def test_padded_attention_with_lengths_equals_unpadded():
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
 
 
+@pytest.mark.parametrize("pos_embed", ["rope", "learned"])
+def test_backbone_padded_once_for_fused_attention_equals_unpadded(monkeypatch, pos_embed):
+    # attention_impl="cudnn" pads the tokens once in the backbone (19 -> 24 here) and
+    # passes the true length to every block; run that path on CPU by swapping the
+    # kernel for XLA's, and compare with the unpadded explicit attention, gradients too.
+    fused = vit_lib.fused_attention
+    monkeypatch.setattr(vit_lib, "fused_attention", lambda *a, implementation, **kw: fused(*a, implementation="xla", **kw))
+    cfg_xla = _tiny(dtype="bfloat16", n_storage_tokens=2, pos_embed=pos_embed)
+    cfg_fused = _tiny(dtype="bfloat16", n_storage_tokens=2, pos_embed=pos_embed, attention_impl="cudnn")
+    model = VisionTransformer(cfg_xla, rngs=nnx.Rngs(0))
+    graphdef_xla, params = nnx.split(model, nnx.Param)
+    graphdef_fused = nnx.split(VisionTransformer(cfg_fused, rngs=nnx.Rngs(0)), nnx.Param)[0]
+    images = jax.random.normal(jax.random.key(1), (3, 16, 16, 1))
+
+    def loss(graphdef):
+        def f(params):
+            out = nnx.merge(graphdef, params)(images)
+            return jnp.sum(out["x_norm_patchtokens"] ** 2) + jnp.sum(out["x_norm_clstoken"])
+        return jax.jit(jax.value_and_grad(f))
+
+    (l_xla, g_xla), (l_fused, g_fused) = loss(graphdef_xla)(params), loss(graphdef_fused)(params)
+    np.testing.assert_allclose(float(l_fused), float(l_xla), rtol=2e-3)
+    for a, b in zip(jax.tree_util.tree_leaves(g_fused), jax.tree_util.tree_leaves(g_xla)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.05 * float(jnp.max(jnp.abs(b))) + 1e-6)
+
+
 def test_bf16_compute_keeps_params_and_attention_fp32():
     cfg = _tiny(dtype="bfloat16", n_storage_tokens=2)
     model = VisionTransformer(cfg, rngs=nnx.Rngs(0))

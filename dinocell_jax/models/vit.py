@@ -224,24 +224,30 @@ def explicit_attention(q: jax.Array, k: jax.Array, v: jax.Array) -> tuple[jax.Ar
 
 
 def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation: str | None,
-                    pad_multiple: int = 8) -> jax.Array:
-    """`jax.nn.dot_product_attention` with the token count padded to a multiple of `pad_multiple`.
+                    valid_len: int | None = None, pad_multiple: int = 8) -> jax.Array:
+    """`jax.nn.dot_product_attention` over a token count padded to a multiple of `pad_multiple`.
 
     q, k, v: `[B, T, heads, hd]`; returns `[B, T, heads, hd]` in q's dtype. cuDNN's flash-attention
-    backward rejects odd token counts (1 + 4 + 784 = 789); padding with zeros and passing the true
-    length as `query_seq_lengths`/`key_value_seq_lengths` keeps the result exact. The same code runs
+    backward rejects odd token counts (1 + 4 + 784 = 789). With `valid_len`, the tokens are already
+    padded (the backbone pads once, not per block) and only the first `valid_len` are real; without
+    it, q, k, v are padded here and the result sliced back. Either way the true length goes in as
+    `query_seq_lengths`/`key_value_seq_lengths`, which keeps the result exact. The same code runs
     with `implementation='xla'` or None, which is how it is tested on CPU.
     """
     b, t = q.shape[:2]
+    if valid_len is not None:
+        if valid_len == t:
+            return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+        lengths = jnp.full((b,), valid_len, jnp.int32)
+        return jax.nn.dot_product_attention(
+            q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=implementation
+        )
     padded = -(-t // pad_multiple) * pad_multiple
     if padded == t:
         return jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     widths = ((0, 0), (0, padded - t), (0, 0), (0, 0))
-    q, k, v = (jnp.pad(a, widths) for a in (q, k, v))
-    lengths = jnp.full((b,), t, jnp.int32)
-    out = jax.nn.dot_product_attention(
-        q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths, implementation=implementation
-    )
+    out = fused_attention(*(jnp.pad(a, widths) for a in (q, k, v)), implementation=implementation,
+                          valid_len=t)
     return out[:, :t]
 
 
@@ -372,8 +378,11 @@ class Attention(nnx.Module):
         self.impl = cfg.attention_impl
 
     def __call__(self, x: jax.Array, rope: tuple[jax.Array, jax.Array] | None, *,
-                 return_attention: bool = False) -> tuple[jax.Array, jax.Array | None]:
-        """x `[B, T, D]` -> (`[B, T, D]` compute dtype, probabilities `[B, heads, T, T]` fp32 or None)."""
+                 return_attention: bool = False, valid_len: int | None = None) -> tuple[jax.Array, jax.Array | None]:
+        """x `[B, T, D]` -> (`[B, T, D]` compute dtype, probabilities `[B, heads, T, T]` fp32 or None).
+
+        valid_len: tokens past it are padding (fused attention only).
+        """
         b, t, d = x.shape
         bias_mask = None
         if self.mask_k_bias and self.qkv.bias is not None:
@@ -387,7 +396,7 @@ class Attention(nnx.Module):
         if return_attention or self.impl == "xla":
             out, probs = explicit_attention(q, k, v)
         else:
-            out = fused_attention(q, k, v, implementation=self.impl)
+            out = fused_attention(q, k, v, implementation=self.impl, valid_len=valid_len)
         out = self.proj(out.reshape(b, t, d))
         return out, probs if return_attention else None
 
@@ -403,14 +412,14 @@ class Block(nnx.Module):
         self.drop_path_rate = cfg.drop_path_rate
 
     def __call__(self, x: jax.Array, rope, *, key: jax.Array | None = None,
-                 return_attention: bool = False) -> tuple[jax.Array, jax.Array | None]:
+                 return_attention: bool = False, valid_len: int | None = None) -> tuple[jax.Array, jax.Array | None]:
         """x `[B, T, D]` fp32 -> (`[B, T, D]` fp32, last attention probabilities or None)."""
         scale1 = self.ls1 if self.ls1 is not None else (lambda y: y)
         scale2 = self.ls2 if self.ls2 is not None else (lambda y: y)
         probs = []
 
         def attn_residual(y):
-            out, p = self.attn(self.norm1(y), rope, return_attention=return_attention)
+            out, p = self.attn(self.norm1(y), rope, return_attention=return_attention, valid_len=valid_len)
             probs.append(p)
             return scale1(out)
 
@@ -488,14 +497,26 @@ class VisionTransformer(nnx.Module):
         if self.storage_tokens is not None:
             storage = jnp.broadcast_to(self.storage_tokens[...], (b, cfg.n_storage_tokens, cfg.embed_dim))
             x = jnp.concatenate([x[:, :1], storage, x[:, 1:]], axis=1)
-        rope = rope_sincos(grid_hw, cfg.head_dim, cfg.rope_base) if cfg.pos_embed == "rope" else None
+        t = x.shape[1]
+        # The fused kernel needs a multiple of 8 tokens: pad once here rather than
+        # in every block (pads and slices of q, k, v cost ~5% of the step).
+        padded = t if return_attention or cfg.attention_impl == "xla" else -(-t // 8) * 8
+        x = jnp.pad(x, ((0, 0), (0, padded - t), (0, 0)))
+        rope = None
+        if cfg.pos_embed == "rope":
+            # Full-length tables, identity on CLS, storage and padding tokens, so the
+            # rotation is one elementwise product with no slicing of q and k.
+            sin, cos = rope_sincos(grid_hw, cfg.head_dim, cfg.rope_base)
+            rows = ((1 + cfg.n_storage_tokens, padded - t), (0, 0))
+            rope = (jnp.pad(sin, rows), jnp.pad(cos, rows, constant_values=1.0))
 
         block_keys = jax.random.split(drop_path_key, cfg.depth) if drop_path_key is not None else [None] * cfg.depth
         probs = None
         for i, block in enumerate(self.blocks):
             last = i == cfg.depth - 1
-            x, probs = block(x, rope, key=block_keys[i], return_attention=return_attention and last)
-        x = self.norm(x)
+            x, probs = block(x, rope, key=block_keys[i], return_attention=return_attention and last,
+                             valid_len=t)
+        x = self.norm(x[:, :t])
         r = cfg.n_storage_tokens
         out = {"x_norm_clstoken": x[:, 0], "x_storage_tokens": x[:, 1:1 + r], "x_norm_patchtokens": x[:, 1 + r:]}
         if return_attention:
