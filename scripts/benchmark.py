@@ -83,6 +83,14 @@ def print_top_kernels(trace_dir: str, n_steps: int, top: int = 25) -> None:
             totals[e["name"]] = totals.get(e["name"], 0.0) + e.get("dur", 0.0)
     total = sum(totals.values())
     print(f"device kernel time per step: {total / n_steps / 1e3:.1f} ms")
+    kinds = (("attention", ("sdpa", "flash", "fmha")), ("matmul", ("gemm", "nvjet", "xmma", "cutlass", "cublas")),
+             ("scatter/gather", ("scatter", "gather", "dynamic")), ("reduction", ("reduce",)),
+             ("elementwise", ("loop_",)))
+    by_kind: dict[str, float] = {}
+    for name, dur in totals.items():
+        kind = next((k for k, keys in kinds if any(key in name for key in keys)), "other")
+        by_kind[kind] = by_kind.get(kind, 0.0) + dur
+    print("  ".join(f"{k} {v / n_steps / 1e3:.1f} ms" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
     for name, dur in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
         print(f"{dur / n_steps / 1e3:8.2f} ms {100 * dur / total:5.1f}%  {name[:110]}")
 
