@@ -544,9 +544,10 @@ def restore_trained(config, path: str, step: int | None = None, devices=None):
     """(TrainState, meta) of a finished checkpoint, restored for a tool rather than a run.
 
     path: a workdir, a checkpoint root or a step directory (resolve_checkpoint_path).
-    The state is laid out by the config's mesh over `devices` (default: all), so a
-    checkpoint of any device count restores. Opened read-only: a live trainer
-    writing to the same directory is left alone.
+    The state is laid out over `devices` (default: the first local device; the
+    config's fsdp split where it divides them), so a checkpoint of any device
+    count restores. Opened read-only: a live trainer writing to the same
+    directory is left alone.
     """
     from dinocell_jax import parallel
     from dinocell_jax.ssl import optim
@@ -557,7 +558,11 @@ def restore_trained(config, path: str, step: int | None = None, devices=None):
     step = path_step if step is None else step
     optimizer = optim.make_optimizer(config, Schedules.from_config(config))
     abstract = jax.eval_shape(lambda k: step_lib.init_state(config, k, optimizer), jax.random.key(config.seed))
-    mesh = parallel.make_mesh(config, devices)
+    devices = [jax.local_devices()[0]] if devices is None else list(devices)
+    fsdp = int(config.mesh.fsdp) if len(devices) % int(config.mesh.fsdp) == 0 else 1
+    auto = jax.sharding.AxisType.Auto
+    mesh = jax.make_mesh((len(devices) // fsdp, fsdp), parallel.BATCH_AXES, axis_types=(auto, auto),
+                         devices=devices)
     shardings = parallel.state_shardings(abstract, mesh, config)
     abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     checkpointer = Checkpointer(directory, config, read_only=True)
