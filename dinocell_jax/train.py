@@ -101,10 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     holdout = pipeline.make_source(config, "holdout")
     probe, probe_meta = _probe_batch(config, holdout, mesh)
     channel_names = [c.name for c in channel_list(config.data)]  # the planes' order in a field
-    local_rows = slice(
-        jax.process_index() * parallel.host_local_batch_size(config.train.batch_size),
-        (jax.process_index() + 1) * parallel.host_local_batch_size(config.train.batch_size),
-    )
+    local_rows = parallel.process_rows(mesh, config.train.batch_size)  # this process's rows of the masks
 
     # ---- Model, schedules, optimiser
     models = step_lib.make_models(config)
@@ -255,12 +252,21 @@ def main(argv: list[str] | None = None) -> int:
                 pending = None
             save(int(jax.device_get(state.step)), force=True)
             checkpointer.wait()
+            parallel.barrier("end of training", config.distributed.barrier_timeout)
+    except BaseException as e:
+        if jax.process_count() > 1:
+            # The others are blocked in a collective: they stop when this process leaves
+            # (distributed.shutdown_timeout) or its heartbeats stop (distributed.heartbeat_timeout).
+            log.error("process %d of %d failed: %r; the job stops", jax.process_index(),
+                      jax.process_count(), e)
+        raise
     finally:
         if progress is not None:
             progress.close()
         checkpointer.close()  # the save in flight lands; finished steps go to the uploader
         logger.finish()  # drains the uploads
         checkpointer.discard_snapshots()
+        parallel.shutdown()
     return 0
 
 
