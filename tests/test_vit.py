@@ -182,6 +182,23 @@ def test_backbone_padded_once_for_fused_attention_equals_unpadded(monkeypatch, p
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.05 * float(jnp.max(jnp.abs(b))) + 1e-6)
 
 
+def test_remat_gives_the_same_gradients():
+    images = jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
+    params = nnx.split(VisionTransformer(_tiny(drop_path_rate=0.2), rngs=nnx.Rngs(0)), nnx.Param)[1]
+
+    def grads(remat):
+        graphdef = nnx.split(VisionTransformer(_tiny(drop_path_rate=0.2, remat=remat), rngs=nnx.Rngs(0)), nnx.Param)[0]
+
+        def loss(p):
+            out = nnx.merge(graphdef, p)(images, drop_path_key=jax.random.key(3))
+            return jnp.sum(out["x_norm_patchtokens"] ** 2)
+
+        return jax.jit(jax.grad(loss))(params)
+
+    for a, b in zip(jax.tree_util.tree_leaves(grads(True)), jax.tree_util.tree_leaves(grads(False))):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+
+
 def test_bf16_compute_keeps_params_and_attention_fp32():
     cfg = _tiny(dtype="bfloat16", n_storage_tokens=2)
     model = VisionTransformer(cfg, rngs=nnx.Rngs(0))

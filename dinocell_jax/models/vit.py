@@ -48,6 +48,7 @@ class ViTConfig:
     attention_impl: str = "xla"  # "xla" | "cudnn"
     dtype: str = "float32"  # compute dtype name
     ln_eps: float = 1e-6
+    remat: bool = False  # recompute each block's activations in the backward pass
 
     def __post_init__(self):
         def fail(field, msg):
@@ -119,6 +120,7 @@ def vit_config_from(model_cfg, in_chans: int) -> ViTConfig:
         mask_k_bias=bool(m.mask_k_bias),
         attention_impl=str(m.attention_impl),
         dtype=str(m.dtype),
+        remat=bool(m.remat),
     )
     if m.arch == "vit_custom":
         return ViTConfig(
@@ -511,11 +513,20 @@ class VisionTransformer(nnx.Module):
             rope = (jnp.pad(sin, rows), jnp.pad(cos, rows, constant_values=1.0))
 
         block_keys = jax.random.split(drop_path_key, cfg.depth) if drop_path_key is not None else [None] * cfg.depth
+
+        def run_block(block, x, rope, key):
+            return block(x, rope, key=key, valid_len=t)[0]
+
+        if cfg.remat:
+            # Keep only each block's input for the backward pass: the backbone's
+            # activations are most of a step's memory at batch 128 per GPU.
+            run_block = nnx.remat(run_block)
         probs = None
         for i, block in enumerate(self.blocks):
-            last = i == cfg.depth - 1
-            x, probs = block(x, rope, key=block_keys[i], return_attention=return_attention and last,
-                             valid_len=t)
+            if return_attention and i == cfg.depth - 1:
+                x, probs = block(x, rope, key=block_keys[i], return_attention=True, valid_len=t)
+            else:
+                x = run_block(block, x, rope, block_keys[i])
         x = self.norm(x[:, :t])
         r = cfg.n_storage_tokens
         out = {"x_norm_clstoken": x[:, 0], "x_storage_tokens": x[:, 1:1 + r], "x_norm_patchtokens": x[:, 1 + r:]}
