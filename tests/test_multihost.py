@@ -153,15 +153,6 @@ def _batches_in_blocks() -> bool:
     return all(np.array_equal(np.concatenate([halves[0][i], halves[1][i]]), whole[i]) for i in range(4))
 
 
-INTERLEAVED = (
-    "data/pipeline.py gives process p the fields p, p+P, p+2P, ... of the stream, so the global "
-    "batch of P processes is a permutation of the one-process batch: fields change rows, and with "
-    "them crops, masks and KoLeo groups. It needs process p to take rows [p*b, (p+1)*b) of each batch."
-)
-
-
-# Known defect of another part; strict: once the pipeline is fixed this XPASSes and fails, so drop the mark.
-@pytest.mark.xfail(reason=INTERLEAVED, strict=True)
 def test_processes_share_each_global_batch_in_blocks():
     assert _batches_in_blocks()
 
@@ -274,8 +265,6 @@ def test_two_processes_train_like_one(tmp_path):
     assert int(pair_state.step) == STEPS and pair_data["grain"] is not None
 
     # Same global batches, same losses and parameters (up to the order of float sums).
-    if not _batches_in_blocks():
-        pytest.xfail(INTERLEAVED)
     pair, single = _losses(pair_dir), _losses(single_dir)
     for a, b in zip(pair, single, strict=True):
         for key in a:

@@ -303,10 +303,12 @@ def make_iterator(config, split: str = "train", *, seed: int, process_index: int
     train.batch_size // process_count.
 
     Shuffling is seeded and differs per epoch; epochs repeat forever unless
-    `num_epochs`. Process p reads indices p, p + P, p + 2P, ... of the shuffled
-    stream, so processes read disjoint fields that together cover each epoch (with
-    `num_epochs`, the stream is cut to a multiple of P so all processes yield as
-    many fields). `source` overrides make_source(config, split).
+    `num_epochs`. The shuffled stream is cut into global batches and process p
+    reads rows [p*b, (p+1)*b) of each, so P processes together build exactly the
+    global batch one process would (the step's crops, masks and KoLeo groups
+    follow the row), reading disjoint fields that cover each epoch (with
+    `num_epochs`, the stream is cut to whole global batches). `source` overrides
+    make_source(config, split).
     """
     import grain
 
@@ -333,8 +335,11 @@ def make_iterator(config, split: str = "train", *, seed: int, process_index: int
     ds = ds.repeat(num_epochs)
     if num_epochs is not None:
         total = n * int(num_epochs)
-        ds = ds[: total - total % process_count]
-    ds = ds[process_index::process_count]
+        ds = ds[: total - total % batch]
+    # Row j of this process's part of every global batch is one strided slice; mixing
+    # the b slices round-robin yields the rows in order.
+    first = process_index * local_batch
+    ds = grain.MapDataset.mix([ds[first + j::batch] for j in range(local_batch)])
     ds = ds.map(ReadField(source))
     threads = max(1, int(d.read_threads))
     prefetch_fields = max(threads, int(d.prefetch) * local_batch)  # fewer buffered fields would idle threads
