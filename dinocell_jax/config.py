@@ -180,6 +180,7 @@ def base_config() -> ml_collections.ConfigDict:
     e.knn_k = 20
     e.n_fields = 256
     e.batch_size = 32
+    e.val_batches = 4  # held-out global batches for val/loss/*
     # Phenotypic-activity mAP: the negative-control label ("" = JUMP's DMSO JCP2022_033924,
     # or phenotype 0 of synthetic data), and the size of copairs' null distribution.
     e.negative_control = ""

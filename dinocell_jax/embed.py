@@ -215,7 +215,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dinocell_jax.export import load_tool_config
     from dinocell_jax.ssl import step as step_lib
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         config, workdir, rest = load_tool_config(args)
@@ -258,4 +257,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Here, not in main(): main() also runs inside tests and notebooks that own the handlers.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     sys.exit(main())

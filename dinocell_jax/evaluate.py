@@ -41,7 +41,9 @@ import numpy as np
 import pandas as pd
 from flax import nnx
 
+from dinocell_jax.data.sources import channel_list
 from dinocell_jax.monitor.consistency import channel_consistency
+from dinocell_jax.ssl import step as step_lib
 
 log = logging.getLogger(__name__)
 
@@ -242,10 +244,6 @@ def negative_control_id(config) -> int | None:
 # ----------------------------------------------------------------------------- embeddings
 
 
-def _input_channels(config) -> int:
-    return len(config.data.channels) if config.data.strategy == "stacked" else 1
-
-
 def make_embed_fn(config, models) -> Callable:
     """embed(params, field, norm_low, norm_high) -> (mean [B, D], channels [B, C, D]) fp32, unjitted.
 
@@ -440,7 +438,7 @@ def make_evaluator(config, models) -> Callable[[Any], dict[str, float]]:
     log.info("eval: %d reference and %d held-out fields read in %.1f s",
              len(reference), len(query), time.perf_counter() - started)
     embedder = Embedder(config, models, e.batch_size)
-    channel_names = list(config.data.channels.keys())
+    channel_names = [c.name for c in channel_list(config.data)]  # the planes' order in a field
     control = negative_control_id(config) if (query.labels >= 0).any() else None
 
     def evaluator(params) -> dict[str, float]:
@@ -476,7 +474,6 @@ def restore_params(config, workdir: str, step: int | None = None, *, random_init
     from dinocell_jax import checkpoint as ckpt_lib
     from dinocell_jax import parallel
     from dinocell_jax.ssl import optim
-    from dinocell_jax.ssl import step as step_lib
     from dinocell_jax.ssl.schedules import Schedules
 
     optimizer = optim.make_optimizer(config, Schedules.from_config(config))
@@ -533,9 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from dinocell_jax import cli
     from dinocell_jax.config import ConfigError
-    from dinocell_jax.ssl import step as step_lib
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     logging.getLogger("dinocell_jax").setLevel(logging.INFO)  # not Orbax's per-file INFO lines
     args = list(sys.argv[1:] if argv is None else argv)
     try:
@@ -566,4 +561,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Here, not in main(): main() also runs inside tests and notebooks that own the handlers.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     sys.exit(main())

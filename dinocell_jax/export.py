@@ -125,7 +125,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dinocell_jax.models.vit import vit_config_from
     from dinocell_jax.ssl.step import input_channels
 
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         config, workdir, rest = load_tool_config(args)
@@ -162,4 +161,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Here, not in main(): main() also runs inside tests and notebooks that own the handlers.
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s")
     sys.exit(main())

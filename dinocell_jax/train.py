@@ -17,11 +17,10 @@ import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from dinocell_jax import checkpoint as ckpt_lib
-from dinocell_jax import cli, parallel
+from dinocell_jax import cli, evaluate, parallel, sweep
 from dinocell_jax import config as config_lib
 from dinocell_jax.data import pipeline
 from dinocell_jax.data.sources import channel_list
@@ -66,6 +65,79 @@ class _StopRequest:
         return bool(np.any(multihost_utils.process_allgather(flag)))
 
 
+class _Reporter:
+    """Host side of each step, run one step late so fetching never stalls the device.
+
+    Counts non-finite steps (stopping after `train.max_bad_steps` in a row),
+    averages the scalars over `wandb.log_interval`, checks gradient health and
+    moves the progress bar.
+    """
+
+    def __init__(self, config, logger, train_iter, progress):
+        self.config, self.logger, self.train_iter, self.progress = config, logger, train_iter, progress
+        self.accumulator = logger_lib.MetricAccumulator()
+        self.health = logger_lib.GradientHealth(config.wandb.grad_norm_high, config.wandb.grad_norm_low)
+        self.total_steps = config_lib.total_steps(config)
+        self.steps_per_epoch = config_lib.steps_per_epoch(config)
+        self.bad_steps = 0
+
+    def report(self, step: int, metrics: dict, step_time: float, wait_s: float) -> None:
+        config = self.config
+        metrics = jax.device_get(metrics)
+        if int(metrics["training/nonfinite"]):
+            self.bad_steps += 1
+            log.warning("step %d: non-finite loss or gradient, update skipped", step)
+            if self.bad_steps >= config.train.max_bad_steps:
+                raise TrainingError(
+                    f"{self.bad_steps} consecutive steps had a non-finite loss or gradient "
+                    f"(last: step {step}); lower optim.lr or check the data (limit: train.max_bad_steps)"
+                )
+        else:
+            self.bad_steps = 0
+        self.accumulator.add(metrics)
+        self.accumulator.add({"training/step_time": step_time, "data/wait_s": wait_s})
+        msg = self.health.check(float(metrics["gradients/global_norm"]), step)
+        if msg:
+            self.logger.alert("gradient health", msg)  # also printed on the console
+        done = step + 1
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix(loss=f"{float(metrics['loss/total']):.3f}",
+                                      img_s=f"{config.train.batch_size / max(step_time, 1e-9):.0f}")
+        if done % config.wandb.log_interval == 0 or done == self.total_steps:
+            scalars = self.accumulator.means()
+            self.accumulator.reset()
+            scalars["training/images_per_sec"] = config.train.batch_size / max(scalars["training/step_time"], 1e-9)
+            scalars["training/iteration"] = done
+            scalars["training/epoch"] = done / self.steps_per_epoch
+            scalars |= {f"data/{k}": v for k, v in self.train_iter.stats().items()}
+            scalars |= system_metrics(jax.local_devices())
+            self.logger.log_metrics(scalars, done)
+
+
+def _validation_batches(config, source, mesh) -> list[dict]:
+    """`eval.val_batches` fixed global batches of held-out fields, with fixed iBOT masks."""
+    batch, rows = config.train.batch_size, parallel.process_rows(mesh, config.train.batch_size)
+    n = min(len(source) // batch, config.eval.val_batches)
+    out = []
+    for i in range(n):
+        records = [source[i * batch + j] for j in range(rows.start, rows.stop)]
+        local = {k: np.stack([r[k] for r in records]) for k in ("field", "norm_low", "norm_high")}
+        # A mask stream of its own (step ids past any training step).
+        local["masks"] = step_lib.host_masks(config, 2**31 + i)[rows]
+        out.append(parallel.to_global_batch(local, mesh))
+    return out
+
+
+def _evaluate(state, evaluator, eval_loss, val_batches) -> dict:
+    """Probes of the teacher's features (k-NN, linear, consistency) and the held-out loss."""
+    metrics = evaluator(state.teacher)
+    if val_batches:
+        losses = jax.device_get([eval_loss(state, b) for b in val_batches])
+        metrics |= {f"val/{k}": float(np.mean([l[k] for l in losses])) for k in losses[0]}
+    return metrics
+
+
 def _probe_batch(config, source, mesh) -> tuple[dict, dict]:
     """The fixed fields the pictures are drawn from, replicated, and their metadata."""
     n = min(config.wandb.probe_size, len(source))
@@ -76,8 +148,9 @@ def _probe_batch(config, source, mesh) -> tuple[dict, dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    log.setLevel(logging.INFO)
     config, workdir = cli.parse_config(sys.argv[1:] if argv is None else argv)
+    workdir = sweep.apply_agent(config, workdir)  # a `wandb agent` run: its values and run id
     # Installed first: a preemption notice during start-up or compilation still
     # ends in a clean save after the first step.
     stop = _StopRequest()
@@ -89,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
         with open(os.path.join(workdir, "config.json"), "w") as f:
             json.dump(config_lib.to_dict(config), f, indent=2, sort_keys=True)
     total_steps = config_lib.total_steps(config)
-    steps_per_epoch = config_lib.steps_per_epoch(config)
 
     # ---- Mesh
     mesh = parallel.make_mesh(config)
@@ -153,13 +225,18 @@ def main(argv: list[str] | None = None) -> int:
         donate_argnums=0,
     )
     metrics_fn = jax.jit(step_lib.make_metrics_fn(config, models))
+    histograms_fn = jax.jit(step_lib.param_histograms)
+    eval_cfg = config.eval
+    if eval_cfg.interval > 0:
+        evaluator = evaluate.make_evaluator(config, models)
+        val_batches = _validation_batches(config, holdout, mesh)
+        eval_loss = jax.jit(step_lib.make_eval_loss(config, models, n_devices),
+                            in_shardings=(shardings, batch_shardings))
 
     # ---- Monitoring
     logger = logger_lib.create_logger(
         config, workdir, process_index=jax.process_index(), resume_step=start_step
     )
-    accumulator = logger_lib.MetricAccumulator()
-    health = logger_lib.GradientHealth(config.wandb.grad_norm_high, config.wandb.grad_norm_low)
     wandb_cfg = config.wandb
     if wandb_cfg.log_model_checkpoints and wandb_cfg.enabled and logger.enabled:
         # Each save is uploaded once Orbax has finalised it, from a hard-linked snapshot.
@@ -177,45 +254,9 @@ def main(argv: list[str] | None = None) -> int:
         meta = ckpt_lib.run_metadata(config, logger.wandb_run_id)
         checkpointer.save(step_done, state, train_iter.get_state(), meta, force=force)
 
-    def handle(step: int, metrics: dict, step_time: float, wait_s: float):
-        """Host side of step `step` (0-based), run after step+1 was dispatched."""
-        metrics = jax.device_get(metrics)
-        if int(metrics["training/nonfinite"]):
-            bad_steps[0] += 1
-            log.warning("step %d: non-finite loss or gradient, update skipped", step)
-            if bad_steps[0] >= config.train.max_bad_steps:
-                raise TrainingError(
-                    f"{bad_steps[0]} consecutive steps had a non-finite loss or gradient "
-                    f"(last: step {step}); lower optim.lr or check the data "
-                    f"(limit: train.max_bad_steps)"
-                )
-        else:
-            bad_steps[0] = 0
-        accumulator.add(metrics)
-        accumulator.add({"training/step_time": step_time, "data/wait_s": wait_s})
-        msg = health.check(float(metrics["gradients/global_norm"]), step)
-        if msg:
-            logger.alert("gradient health", msg)  # also printed on the console
-        done = step + 1
-        if progress is not None:
-            progress.update(1)
-            progress.set_postfix(loss=f"{float(metrics['loss/total']):.3f}",
-                                 img_s=f"{config.train.batch_size / max(step_time, 1e-9):.0f}")
-        if done % wandb_cfg.log_interval == 0 or done == total_steps:
-            scalars = accumulator.means()
-            accumulator.reset()
-            scalars["training/images_per_sec"] = config.train.batch_size / max(
-                scalars["training/step_time"], 1e-9
-            )
-            scalars["training/iteration"] = done
-            scalars["training/epoch"] = done / steps_per_epoch
-            scalars |= {f"data/{k}": v for k, v in train_iter.stats().items()}
-            scalars |= system_metrics(jax.local_devices())
-            logger.log_metrics(scalars, done)
-
+    reporter = _Reporter(config, logger, train_iter, progress)
     # ---- Loop
     pending = None  # (step, metrics, step_time, wait) of the step in flight
-    bad_steps = [0]  # consecutive non-finite steps
     last = time.perf_counter()
     try:
         with jax.set_mesh(mesh):  # drop path draws its subset per device, as DINOv2 per GPU
@@ -228,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
                 batch = parallel.to_global_batch(local, mesh)
                 state, metrics = train_step(state, batch)
                 if pending is not None:
-                    handle(*pending)
+                    reporter.report(*pending)
                 now = time.perf_counter()
                 pending = (step, metrics, now - last, wait_s)
                 last = now
@@ -242,13 +283,19 @@ def main(argv: list[str] | None = None) -> int:
                         attention=want_attention, pca=want_pca,
                         channel_names=channel_names,
                     )
+                if wandb_cfg.histogram_interval > 0 and done % wandb_cfg.histogram_interval == 0:
+                    for name, hist in histograms_fn(state.student).items():
+                        logger.log_histogram(name, hist, done)
+                if eval_cfg.interval > 0 and (done % eval_cfg.interval == 0 or done == total_steps):
+                    logger.log_metrics(_evaluate(state, evaluator, eval_loss, val_batches) |
+                                       {"training/iteration": done}, done)
                 if done % config.checkpoint.interval == 0 and done < total_steps:
                     save(done)
                 if stop.requested(done):
                     log.info("%s received: saving at step %d and exiting", stop.signal, done)
                     break
             if pending is not None:
-                handle(*pending)
+                reporter.report(*pending)
                 pending = None
             save(int(jax.device_get(state.step)), force=True)
             checkpointer.wait()
@@ -271,4 +318,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # Here, not in main(): main() also runs inside tests and notebooks that own the handlers.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     sys.exit(main())

@@ -10,6 +10,9 @@ os.environ["XLA_FLAGS"] = (
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+# wandb's console capture wraps sys.stdout/stderr; inside pytest it wraps the
+# capture streams and leaves them closed for the tests that follow.
+os.environ.setdefault("WANDB_CONSOLE", "off")
 _wandb_home = tempfile.mkdtemp(prefix="wandb-home-")
 for _var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR", "WANDB_DIR"):
     os.environ.setdefault(_var, _wandb_home)

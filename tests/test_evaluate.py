@@ -3,7 +3,6 @@ embeddings are batch-independent; phenotypic activity ranks active perturbations
 
 import json
 import logging
-import os
 import sys
 
 import jax

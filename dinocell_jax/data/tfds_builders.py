@@ -168,7 +168,6 @@ def _parse_override(config, item: str) -> None:
 
 
 def main(argv=None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(BUILDERS))
     parser.add_argument("--data_dir", required=True)
@@ -186,4 +185,6 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
+    # Here, not in main(): main() also runs inside tests and notebooks that own the handlers.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     sys.exit(main())

@@ -11,7 +11,6 @@ only called at the visual intervals.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Any
 
 import jax
@@ -20,7 +19,6 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
-from dinocell_jax import config as config_lib
 from dinocell_jax.data import augment
 from dinocell_jax.data.sources import channel_list
 from dinocell_jax.models import heads as heads_lib
@@ -383,3 +381,19 @@ def host_masks(config, step: int) -> np.ndarray:
         config.loss.mask_sample_probability,
     )
     return masks.reshape(batch_size, 2, -1)
+
+
+def param_histograms(params: Params, bins: int = 64) -> dict[str, tuple[jax.Array, jax.Array]]:
+    """Histograms of each module's parameter values, counted on the device.
+
+    Returns {"weights/<module>": (counts [bins], edges [bins+1])}: a few hundred
+    numbers cross to the host instead of the parameters.
+    """
+    out = {}
+    for name, tree in params.items():
+        values = jnp.concatenate([x.reshape(-1).astype(jnp.float32) for x in jax.tree.leaves(tree)])
+        lo, hi = jnp.min(values), jnp.max(values)
+        edges = jnp.linspace(lo, jnp.where(hi > lo, hi, lo + 1), bins + 1)
+        counts = jnp.histogram(values, edges)[0]
+        out[f"weights/{name}"] = (counts, edges)
+    return out
