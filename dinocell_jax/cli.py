@@ -297,3 +297,27 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def pop_flag(rest: list[str], name: str, *, value: bool = True) -> Any:
+    """Removes a tool's own flag from `rest` (what `parse_known_config` left).
+
+    `--name v` or `--name=v` -> "v"; a boolean flag (value=False) -> True; absent
+    -> None (False for a boolean flag).
+    """
+    for i, arg in enumerate(rest):
+        flag, eq, inline = arg.partition("=")
+        if flag != name:
+            continue
+        if not value:
+            del rest[i]
+            return True
+        if eq:
+            del rest[i]
+            return inline
+        if i + 1 >= len(rest):
+            raise ConfigError(f"{name}: needs a value")
+        got = rest[i + 1]
+        del rest[i:i + 2]
+        return got
+    return None if value else False

@@ -186,25 +186,6 @@ def read_embeddings(path: str) -> tuple[Any, dict[str, np.ndarray], dict[str, An
     return meta, embeddings, footer
 
 
-def _pop(rest: list[str], name: str, *, value: bool = True):
-    for i, arg in enumerate(rest):
-        flag, eq, inline = arg.partition("=")
-        if flag != name:
-            continue
-        if not value:
-            del rest[i]
-            return True
-        if eq:
-            del rest[i]
-            return inline
-        if i + 1 >= len(rest):
-            raise ValueError(f"{name}: needs a value")
-        got = rest[i + 1]
-        del rest[i:i + 2]
-        return got
-    return None if value else False
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m dinocell_jax.embed --workdir W --out F.parquet [--per-channel] [--split train|holdout|all]
     [--batch-size N] [--step N] [--limit N] [--config.data.source=...]`."""
@@ -212,18 +193,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     from dinocell_jax.config import ConfigError
     from dinocell_jax.data import pipeline
     from dinocell_jax.data.sources import channel_list
+    from dinocell_jax import cli
     from dinocell_jax.export import load_tool_config
     from dinocell_jax.ssl import step as step_lib
 
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         config, workdir, rest = load_tool_config(args)
-        out = _pop(rest, "--out")
-        per_channel = _pop(rest, "--per-channel", value=False)
-        split = _pop(rest, "--split") or "all"
-        batch_size = int(_pop(rest, "--batch-size") or config.eval.batch_size)
-        step = _pop(rest, "--step")
-        limit = _pop(rest, "--limit")
+        out = cli.pop_flag(rest, "--out")
+        per_channel = cli.pop_flag(rest, "--per-channel", value=False)
+        split = cli.pop_flag(rest, "--split") or "all"
+        batch_size = int(cli.pop_flag(rest, "--batch-size") or config.eval.batch_size)
+        step = cli.pop_flag(rest, "--step")
+        limit = cli.pop_flag(rest, "--limit")
         if rest:
             raise ConfigError(f"{rest[0]}: unknown argument (embed takes --workdir, --out, --per-channel, --split, "
                               "--batch-size, --step, --limit, --config, --config.*)")

@@ -501,27 +501,6 @@ def restore_params(config, workdir: str, step: int | None = None, *, random_init
     return state.teacher, int(jax.device_get(state.step))
 
 
-def _pop_flag(rest: list[str], name: str, *, value: bool) -> Any:
-    for i, arg in enumerate(rest):
-        flag, eq, inline = arg.partition("=")
-        if flag != name:
-            continue
-        if not value:
-            del rest[i]
-            return True
-        if eq:
-            del rest[i]
-            return inline
-        if i + 1 >= len(rest):
-            from dinocell_jax.config import ConfigError
-
-            raise ConfigError(f"{name}: needs a value")
-        got = rest[i + 1]
-        del rest[i:i + 2]
-        return got
-    return None if value else False
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m dinocell_jax.evaluate --workdir W [--config F] [--config.k=v] [--step N] [--random-init] [--out F]`.
 
@@ -535,9 +514,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         config, workdir, rest = cli.parse_known_config(args)
-        step = _pop_flag(rest, "--step", value=True)
-        random_init = _pop_flag(rest, "--random-init", value=False)
-        out_path = _pop_flag(rest, "--out", value=True)
+        step = cli.pop_flag(rest, "--step", value=True)
+        random_init = cli.pop_flag(rest, "--random-init", value=False)
+        out_path = cli.pop_flag(rest, "--out", value=True)
         if rest:
             raise ConfigError(f"{rest[0]}: unknown argument (evaluate takes --workdir, --config, --config.*, "
                               "--step, --random-init, --out)")
