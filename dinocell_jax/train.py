@@ -84,6 +84,10 @@ class _Reporter:
     def report(self, step: int, metrics: dict, step_time: float, wait_s: float) -> None:
         config = self.config
         metrics = jax.device_get(metrics)
+        histograms = metrics.pop("histograms", None)  # gradient histograms, filled at the interval
+        if histograms and (step + 1) % config.wandb.histogram_interval == 0:
+            for name, hist in histograms.items():
+                self.logger.log_histogram(name, hist, step + 1)
         if int(metrics["training/nonfinite"]):
             self.bad_steps += 1
             log.warning("step %d: non-finite loss or gradient, update skipped", step)

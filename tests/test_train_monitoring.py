@@ -36,7 +36,8 @@ def test_demo_run_logs_the_guide_offline(tmp_path):
     for key in PROBE_PICTURES:
         image = run.values(key)[4]
         assert image["_type"] == "image-file" and (path.parent / "files" / image["path"]).exists(), key
-    assert run.values("weights/backbone")[2]["_type"] == "histogram"
+    for key in ("weights/backbone", "gradients/backbone", "gradients/dino_head"):
+        assert run.values(key)[2]["_type"] == "histogram", key
     for key in ("eval/knn_top1", "eval/linear_acc", "val/loss/dino", "val/loss/total"):
         assert list(run.values(key)) == [4], key
 

@@ -232,6 +232,7 @@ def make_train_step(config, models: Models, optimizer, schedules: Schedules, n_d
     koleo_group = koleo_group_size(config, n_devices)
     clip = float(config.optim.clip_grad)  # <= 0: no clipping, norms still returned
     log_gradients = bool(config.wandb.log_gradients)
+    hist_every = int(config.wandb.histogram_interval)
 
     def train_step(state: TrainState, batch: dict) -> tuple[TrainState, dict]:
         step = state.step
@@ -254,6 +255,16 @@ def make_train_step(config, models: Models, optimizer, schedules: Schedules, n_d
         grad_metrics = optim.gradient_stats(grads) if log_gradients else {
             "gradients/global_norm": _tree_norm(grads)
         }
+        if hist_every > 0:
+            # Gradient histograms only on the steps that log them (the cond skips the
+            # counting elsewhere); zeros otherwise, so the output shape is fixed.
+            def count(g):
+                return {k.replace("weights/", "gradients/"): v for k, v in param_histograms(g).items()}
+
+            zeros = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), jax.eval_shape(count, grads))
+            grad_metrics["histograms"] = jax.lax.cond(
+                (step + 1) % hist_every == 0, count, lambda g: zeros, grads
+            )
         grads, pre_clip = optim.clip_by_module(grads, clip)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.student)
         student = optax.apply_updates(state.student, updates)
@@ -384,10 +395,10 @@ def host_masks(config, step: int) -> np.ndarray:
 
 
 def param_histograms(params: Params, bins: int = 64) -> dict[str, tuple[jax.Array, jax.Array]]:
-    """Histograms of each module's parameter values, counted on the device.
+    """Histograms of each module's values (parameters or gradients), counted on the device.
 
     Returns {"weights/<module>": (counts [bins], edges [bins+1])}: a few hundred
-    numbers cross to the host instead of the parameters.
+    numbers cross to the host instead of the arrays.
     """
     out = {}
     for name, tree in params.items():
