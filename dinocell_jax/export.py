@@ -68,21 +68,6 @@ def export_backbone(backbone_params: Mapping, vit_cfg, out: str, *, fmt: str = "
     return state_dict
 
 
-def _pop_value(rest: list[str], name: str) -> str | None:
-    for i, arg in enumerate(rest):
-        flag, eq, inline = arg.partition("=")
-        if flag == name:
-            if eq:
-                del rest[i]
-                return inline
-            if i + 1 >= len(rest):
-                raise ValueError(f"{name}: needs a value")
-            value = rest[i + 1]
-            del rest[i:i + 2]
-            return value
-    return None
-
-
 def load_tool_config(argv: Sequence[str]):
     """(config, workdir, remaining args) for a tool pointed at a run, its checkpoints or one step.
 
@@ -121,6 +106,7 @@ def load_tool_config(argv: Sequence[str]):
 def main(argv: Sequence[str] | None = None) -> int:
     """`python -m dinocell_jax.export --workdir W --out F [--format safetensors|torch] [--step N]
     [--which teacher|student] [--flavor dinov2|dinov3] [--config.k=v ...]`."""
+    from dinocell_jax import cli
     from dinocell_jax.config import ConfigError
     from dinocell_jax.models.vit import vit_config_from
     from dinocell_jax.ssl.step import input_channels
@@ -128,11 +114,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         config, workdir, rest = load_tool_config(args)
-        out = _pop_value(rest, "--out")
-        fmt = _pop_value(rest, "--format") or "safetensors"
-        step = _pop_value(rest, "--step")
-        which = _pop_value(rest, "--which") or "teacher"
-        flavor = _pop_value(rest, "--flavor") or "dinov2"
+        out = cli.pop_flag(rest, "--out")
+        fmt = cli.pop_flag(rest, "--format") or "safetensors"
+        step = cli.pop_flag(rest, "--step")
+        which = cli.pop_flag(rest, "--which") or "teacher"
+        flavor = cli.pop_flag(rest, "--flavor") or "dinov2"
         if rest:
             raise ConfigError(f"{rest[0]}: unknown argument (export takes --workdir, --out, --format, --step, "
                               "--which, --flavor, --config, --config.*)")

@@ -185,15 +185,8 @@ def main(argv: list[str] | None = None) -> int:
     optimizer = optim.make_optimizer(config, schedules)
 
     # ---- Shard & init: the state is born sharded (eval_shape, then a jitted init).
-    def init(key):
-        return step_lib.init_state(config, key, optimizer)
-
-    init_key = jax.random.key(config.seed)
-    abstract = jax.eval_shape(init, init_key)
-    shardings = parallel.state_shardings(abstract, mesh, config)
-    abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
-    )
+    abstract, init = step_lib.sharded_init(config, optimizer, mesh)
+    shardings = step_lib.shardings_of(abstract)
 
     # ---- Checkpoint: resume from the workdir, or from checkpoint.resume_from
     checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, ckpt_lib.CHECKPOINT_SUBDIR), config)
@@ -214,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         if source_ckpt is not checkpointer:
             source_ckpt.close()
     else:
-        state = jax.jit(init, out_shardings=shardings)(init_key)
+        state = init(jax.random.key(config.seed))
         if config.model.init_from:
             state = ckpt_lib.load_pretrained(state, config, config.model.init_from)
     start_step = int(state.step)

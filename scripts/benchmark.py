@@ -15,7 +15,6 @@ compile_s, device, n_devices, batch, jax.
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
@@ -111,10 +110,9 @@ def main(argv=None):
     models = step_lib.make_models(config)
     schedules = Schedules.from_config(config)
     optimizer = optim.make_optimizer(config, schedules)
-    init = functools.partial(step_lib.init_state, config, optimizer=optimizer)
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    shardings = parallel.state_shardings(abstract, mesh, config)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    abstract, init = step_lib.sharded_init(config, optimizer, mesh)
+    shardings = step_lib.shardings_of(abstract)
+    state = init(jax.random.key(0))
 
     b, n_ch, f = config.train.batch_size, len(channel_list(config.data)), config.data.field_size
     rng = np.random.default_rng(0)

@@ -1,6 +1,5 @@
 """The jitted training step: device-count invariance, one compile, finite updates."""
 
-import functools
 
 import chex
 import jax
@@ -34,10 +33,9 @@ def _setup(config, devices):
     models = step_lib.make_models(config)
     schedules = Schedules.from_config(config)
     optimizer = optim.make_optimizer(config, schedules)
-    init = functools.partial(step_lib.init_state, config, optimizer=optimizer)
-    abstract = jax.eval_shape(init, jax.random.key(0))
-    shardings = parallel.state_shardings(abstract, mesh, config)
-    state = jax.jit(init, out_shardings=shardings)(jax.random.key(0))
+    abstract, init = step_lib.sharded_init(config, optimizer, mesh)
+    shardings = step_lib.shardings_of(abstract)
+    state = init(jax.random.key(0))
     batch_sh = parallel.batch_sharding(mesh)
     fn = step_lib.make_train_step(config, models, optimizer, schedules, len(devices))
     return mesh, state, shardings, batch_sh, fn

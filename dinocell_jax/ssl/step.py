@@ -19,6 +19,7 @@ import numpy as np
 import optax
 from flax import nnx, struct
 
+from dinocell_jax import parallel
 from dinocell_jax.data import augment
 from dinocell_jax.data.sources import channel_list
 from dinocell_jax.models import heads as heads_lib
@@ -122,6 +123,25 @@ def init_state(config, key: jax.Array, optimizer: optax.GradientTransformation) 
         center={"dino": jnp.zeros((1, k), jnp.float32), "ibot": jnp.zeros((1, k), jnp.float32)},
         rng=k_rng,
     )
+
+
+def sharded_init(config, optimizer: optax.GradientTransformation, mesh):
+    """(abstract, init): the TrainState as ShapeDtypeStructs carrying their shardings,
+    and `init(key)` jitted to produce it already sharded (no full copy on one device).
+
+    `abstract` is also the target a checkpoint restores into.
+    """
+    def init(key):
+        return init_state(config, key, optimizer)
+
+    shapes = jax.eval_shape(init, jax.random.key(0))
+    shardings = parallel.state_shardings(shapes, mesh, config)
+    abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), shapes, shardings)
+    return abstract, jax.jit(init, out_shardings=shardings)
+
+
+def shardings_of(abstract):
+    return jax.tree.map(lambda a: a.sharding, abstract)
 
 
 def _tree_norm(tree) -> jax.Array:

@@ -1,0 +1,22 @@
+"""scripts/benchmark.py keeps working: at toy size on CPU it prints its JSON line."""
+
+import json
+import os
+import subprocess
+import sys
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_benchmark_runs_at_toy_size():
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "benchmark.py"), "--config", "configs/demo.py",
+         "--steps", "2", "--window", "1", "--warmup", "1"],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    for key in ("images_per_s", "step_s", "mfu", "peak_mem_gib", "compile_s", "device", "n_devices", "batch", "jax"):
+        assert key in result, key
+    assert result["n_devices"] == 8 and result["batch"] == 32
+    assert result["images_per_s"] > 0 and result["step_s"] > 0 and result["gflop_per_image"] > 0
