@@ -1,41 +1,22 @@
 """Embeddings CLI: one Parquet row per field with its metadata, the teacher's CLS embeddings
 (equal to evaluate.embed_fields), per-channel columns on request, unreadable fields skipped."""
 
-import functools
-import json
 
-import jax
 import numpy as np
 import pytest
 
-from dinocell_jax import checkpoint as ckpt_lib
 from dinocell_jax import embed
 from dinocell_jax.data import pipeline
 from dinocell_jax.evaluate import embed_fields
-from dinocell_jax.ssl import optim
 from dinocell_jax.ssl import step as step_lib
-from dinocell_jax.ssl.schedules import Schedules
-from tiny import tiny_config
+from tiny import random_checkpoint, tiny_config
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     config = tiny_config(**{"data.num_fields": 24, "data.n_plates": 2})
-    optimizer = optim.make_optimizer(config, Schedules.from_config(config))
-    abstract = jax.eval_shape(functools.partial(step_lib.init_state, config, optimizer=optimizer), jax.random.key(0))
-    rng = np.random.default_rng(0)
-
-    def fill(a):
-        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-            return jax.random.key(0)
-        return (0.2 * rng.normal(size=a.shape)).astype(a.dtype)
-
-    state = jax.tree.map(fill, abstract).replace(step=np.int32(5))
     workdir = tmp_path_factory.mktemp("run")
-    (workdir / "config.json").write_text(json.dumps(config.to_dict()))
-    ckpt = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), config)
-    ckpt.save(5, state, {}, {})
-    ckpt.close()
+    state = random_checkpoint(config, workdir, 5)
     return config, workdir, state
 
 

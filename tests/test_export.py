@@ -1,8 +1,6 @@
 """Export: the teacher backbone of a checkpoint, loaded into the dinov2 package's torch ViT,
 gives our features (fp32, 1e-5); the .pth variant holds the same tensors."""
 
-import functools
-import json
 import os
 
 import jax
@@ -13,13 +11,9 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from dinocell_jax import checkpoint as ckpt_lib
 from dinocell_jax import export
 from dinocell_jax.models.vit import VisionTransformer, vit_config_from
-from dinocell_jax.ssl import optim
-from dinocell_jax.ssl import step as step_lib
-from dinocell_jax.ssl.schedules import Schedules
-from tiny import tiny_config
+from tiny import random_checkpoint, tiny_config
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -30,24 +24,8 @@ def _config():
 
 
 def _workdir(tmp_path, config, step=12):
-    """A run directory with config.json and one checkpoint whose teacher differs from its student."""
-    optimizer = optim.make_optimizer(config, Schedules.from_config(config))
-    abstract = jax.eval_shape(functools.partial(step_lib.init_state, config, optimizer=optimizer), jax.random.key(0))
-    rng = np.random.default_rng(0)
-
-    def fill(a):
-        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
-            return jax.random.key(0)
-        return (0.2 * rng.normal(size=a.shape)).astype(a.dtype)  # small: keeps activations tame
-
-    state = jax.tree.map(fill, abstract).replace(step=np.int32(step))
     workdir = tmp_path / "run"
-    workdir.mkdir()
-    (workdir / "config.json").write_text(json.dumps(config.to_dict()))
-    ckpt = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), config)
-    ckpt.save(step, state, {}, ckpt_lib.run_metadata(config, None))
-    ckpt.close()
-    return workdir, state
+    return workdir, random_checkpoint(config, workdir, step)
 
 
 def _ours(config, params, images_nhwc):

@@ -40,3 +40,34 @@ def tiny_config(**overrides):
             node = node[p]
         node[leaf] = value
     return c
+
+
+def random_checkpoint(config, workdir, step):
+    """Writes `workdir` as a finished run: config.json and one checkpoint at `step` of a
+    random TrainState (teacher differs from student). Returns that state."""
+    import json
+
+    import jax
+    import numpy as np
+
+    from dinocell_jax import checkpoint as ckpt_lib
+    from dinocell_jax.ssl import optim
+    from dinocell_jax.ssl import step as step_lib
+    from dinocell_jax.ssl.schedules import Schedules
+
+    optimizer = optim.make_optimizer(config, Schedules.from_config(config))
+    abstract = jax.eval_shape(lambda k: step_lib.init_state(config, k, optimizer), jax.random.key(0))
+    rng = np.random.default_rng(0)
+
+    def fill(a):
+        if jax.dtypes.issubdtype(a.dtype, jax.dtypes.prng_key):
+            return jax.random.key(0)
+        return (0.2 * rng.normal(size=a.shape)).astype(a.dtype)  # small: keeps activations tame
+
+    state = jax.tree.map(fill, abstract).replace(step=np.int32(step))
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "config.json").write_text(json.dumps(config.to_dict()))
+    ckpt = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), config)
+    ckpt.save(step, state, {}, ckpt_lib.run_metadata(config, None))
+    ckpt.close()
+    return state
