@@ -60,15 +60,16 @@ class Phenotype:
     chromatin: float  # strength of the nuclear texture
     punctate: float  # mitochondria: 0 filamentous ... 1 punctate
     gains: tuple[float, float, float, float, float]
+    confluence: float = 0.88  # mean fraction of the monolayer's cell slots that hold a cell
 
 
 # Hand-made so that the first four labels differ along different axes:
 # size, nuclear shape/texture, organelle intensity ratios.
 _PHENOTYPES = (
-    Phenotype(30.0, 0.62, 0.30, 1.15, 0.15, 0.3, (1.0, 1.0, 1.0, 1.0, 1.0)),  # control
-    Phenotype(42.0, 0.70, 0.24, 1.10, 0.10, 0.2, (0.9, 1.3, 1.0, 1.5, 0.9)),  # enlarged, spread
-    Phenotype(28.0, 0.60, 0.28, 1.90, 0.55, 0.4, (1.4, 0.9, 0.7, 1.0, 1.0)),  # condensed, elongated nuclei
-    Phenotype(32.0, 0.64, 0.32, 1.20, 0.20, 0.9, (1.0, 0.6, 1.4, 0.8, 1.8)),  # mito/ER stress
+    Phenotype(30.0, 0.62, 0.30, 1.15, 0.15, 0.3, (1.0, 1.0, 1.0, 1.0, 1.0), 0.88),  # control
+    Phenotype(42.0, 0.70, 0.24, 1.10, 0.10, 0.2, (0.9, 1.3, 1.0, 1.5, 0.9), 0.75),  # enlarged, spread
+    Phenotype(28.0, 0.60, 0.28, 1.90, 0.55, 0.4, (1.4, 0.9, 0.7, 1.0, 1.0), 0.55),  # condensed, elongated, cell loss
+    Phenotype(32.0, 0.64, 0.32, 1.20, 0.20, 0.9, (1.0, 0.6, 1.4, 0.8, 1.8), 0.85),  # mito/ER stress
 )
 
 
@@ -85,6 +86,7 @@ def phenotype(label: int) -> Phenotype:
         chromatin=float(rng.uniform(0.1, 0.55)),
         punctate=float(rng.uniform(0.0, 1.0)),
         gains=tuple(float(g) for g in np.exp(rng.normal(0.0, 0.35, 5))),
+        confluence=float(rng.uniform(0.45, 0.95)),
     )
 
 
@@ -219,7 +221,10 @@ class SyntheticCellPainting:
         jitter = rng.uniform(-0.32, 0.32, (2, ns, ns)) * s
         cy = (np.arange(ns)[:, None] - 1 + 0.5) * s + jitter[0]
         cx = (np.arange(ns)[None, :] - 1 + 0.5) * s + jitter[1]
-        present = rng.random((ns, ns)) > 0.12  # gaps in the monolayer
+        # Confluence varies from field to field (seeding, growth, toxicity): the fraction
+        # of lattice slots holding a cell, around the phenotype's mean.
+        occupancy = float(np.clip(ph.confluence + rng.normal(0.0, 0.18), 0.15, 1.0))
+        present = rng.random((ns, ns)) < occupancy
         cy = np.where(present, cy, -1e4).astype(np.float32)
         cx = np.where(present, cx, -1e4).astype(np.float32)
 
