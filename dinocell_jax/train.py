@@ -25,7 +25,7 @@ from dinocell_jax import config as config_lib
 from dinocell_jax.data import pipeline
 from dinocell_jax.data.sources import channel_list
 from dinocell_jax.monitor import logger as logger_lib
-from dinocell_jax.monitor.system import system_metrics
+from dinocell_jax.monitor.system import DataWaitTimer, system_metrics
 from dinocell_jax.ssl import optim
 from dinocell_jax.ssl import step as step_lib
 from dinocell_jax.ssl.schedules import Schedules
@@ -73,15 +73,16 @@ class _Reporter:
     moves the progress bar.
     """
 
-    def __init__(self, config, logger, train_iter, progress):
+    def __init__(self, config, logger, train_iter, progress, data_wait: DataWaitTimer):
         self.config, self.logger, self.train_iter, self.progress = config, logger, train_iter, progress
+        self.data_wait = data_wait
         self.accumulator = logger_lib.MetricAccumulator()
         self.health = logger_lib.GradientHealth(config.wandb.grad_norm_high, config.wandb.grad_norm_low)
         self.total_steps = config_lib.total_steps(config)
         self.steps_per_epoch = config_lib.steps_per_epoch(config)
         self.bad_steps = 0
 
-    def report(self, step: int, metrics: dict, step_time: float, wait_s: float) -> None:
+    def report(self, step: int, metrics: dict, step_time: float) -> None:
         config = self.config
         metrics = jax.device_get(metrics)
         histograms = metrics.pop("histograms", None)  # gradient histograms, filled at the interval
@@ -99,7 +100,7 @@ class _Reporter:
         else:
             self.bad_steps = 0
         self.accumulator.add(metrics)
-        self.accumulator.add({"training/step_time": step_time, "data/wait_s": wait_s})
+        self.accumulator.add({"training/step_time": step_time})
         msg = self.health.check(float(metrics["gradients/global_norm"]), step)
         if msg:
             self.logger.alert("gradient health", msg)  # also printed on the console
@@ -114,7 +115,8 @@ class _Reporter:
             scalars["training/images_per_sec"] = config.train.batch_size / max(scalars["training/step_time"], 1e-9)
             scalars["training/iteration"] = done
             scalars["training/epoch"] = done / self.steps_per_epoch
-            scalars |= {f"data/{k}": v for k, v in self.train_iter.stats().items()}
+            scalars |= {f"data/{k}": v for k, v in self.train_iter.stats().items()}  # since the start
+            scalars |= self.data_wait.pop()  # this interval: system/data_wait_s, system/data_wait_fraction
             scalars |= system_metrics(jax.local_devices())
             self.logger.log_metrics(scalars, done)
 
@@ -251,16 +253,16 @@ def main(argv: list[str] | None = None) -> int:
         meta = ckpt_lib.run_metadata(config, logger.wandb_run_id)
         checkpointer.save(step_done, state, train_iter.get_state(), meta, force=force)
 
-    reporter = _Reporter(config, logger, train_iter, progress)
+    data_wait = DataWaitTimer()
+    reporter = _Reporter(config, logger, train_iter, progress, data_wait)
     # ---- Loop
-    pending = None  # (step, metrics, step_time, wait) of the step in flight
+    pending = None  # (step, metrics, step_time) of the step in flight
     last = time.perf_counter()
     try:
         with jax.set_mesh(mesh):  # drop path draws its subset per device, as DINOv2 per GPU
             for step in range(start_step, total_steps):
-                t0 = time.perf_counter()
-                local = next(train_iter)
-                wait_s = time.perf_counter() - t0
+                with data_wait.waiting():
+                    local = next(train_iter)
                 local = {k: local[k] for k in ("field", "norm_low", "norm_high")}
                 local["masks"] = step_lib.host_masks(config, step)[local_rows]
                 batch = parallel.to_global_batch(local, mesh)
@@ -268,7 +270,7 @@ def main(argv: list[str] | None = None) -> int:
                 if pending is not None:
                     reporter.report(*pending)
                 now = time.perf_counter()
-                pending = (step, metrics, now - last, wait_s)
+                pending = (step, metrics, now - last)
                 last = now
                 done = step + 1
                 want_attention = wandb_cfg.log_attention_maps and done % wandb_cfg.attention_log_interval == 0
