@@ -282,10 +282,13 @@ def drop_add_residual(x: jax.Array, residual_fn, key: jax.Array | None, rate: fl
     per_group = batch // groups
     subset = max(int(per_group * (1 - rate)), 1)
     keys = jax.random.split(key, groups)
-    idx = jax.vmap(lambda k: jax.random.permutation(k, per_group)[:subset])(keys)  # [G, subset]
+    idx = jax.vmap(lambda k: jnp.sort(jax.random.permutation(k, per_group)[:subset]))(keys)  # [G, subset]
     idx = (idx + per_group * jnp.arange(groups)[:, None]).reshape(-1)
-    residual = residual_fn(x[idx]).astype(x.dtype) * (per_group / subset)
-    return x.at[idx].add(residual)
+    # Sorted, distinct rows: XLA can gather and scatter (and their transposes in the
+    # backward pass) without atomics.
+    hints = dict(indices_are_sorted=True, unique_indices=True)
+    residual = residual_fn(jnp.take(x, idx, axis=0, **hints)).astype(x.dtype) * (per_group / subset)
+    return x.at[idx].add(residual, **hints)
 
 
 # ----------------------------------------------------------------------------
