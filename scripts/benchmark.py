@@ -61,8 +61,64 @@ def analytic_flops_per_field(config, models) -> float:
     return backbone + heads
 
 
-def print_top_kernels(trace_dir: str, n_steps: int, top: int = 25) -> None:
-    """Device time per kernel name from the Perfetto trace, summed over the traced steps."""
+def hlo_sources(hlo_text: str) -> dict[str, str]:
+    """{kernel name: "file.py:line function op"} for the instructions of the optimised HLO.
+
+    The GPU kernel of a fusion is named after the fusion instruction ('.' written as
+    '_'), and its metadata points (through the module's StackFrames table) at the
+    line of our code it came from.
+    """
+    import re
+
+    tables: dict[str, dict[int, str]] = {}
+    section = None
+    for line in hlo_text.splitlines():
+        if line in ("FileNames", "FunctionNames", "FileLocations", "StackFrames"):
+            section = line
+            tables[section] = {}
+        elif not line.strip() or line.startswith(("%", "ENTRY", "HloModule")):
+            section = None
+        elif section:
+            key, _, value = line.partition(" ")
+            tables[section][int(key)] = value.strip().strip('"')
+
+    def field(value, name):
+        m = re.search(name + r"=(\d+)", value)
+        return int(m.group(1)) if m else None
+
+    def frame_source(frame_id):
+        frame = tables.get("StackFrames", {}).get(frame_id, "")
+        loc = tables.get("FileLocations", {}).get(field(frame, "file_location_id"), "")
+        file = tables.get("FileNames", {}).get(field(loc, "file_name_id"), "?")
+        function = tables.get("FunctionNames", {}).get(field(loc, "function_name_id"), "?")
+        return f"{os.path.basename(file)}:{field(loc, 'line')} {function}"
+
+    out = {}
+    pattern = re.compile(r"^\s*(?:ROOT )?%([\w.\-]+) = .*metadata=\{([^}]*)\}")
+    for line in hlo_text.splitlines():
+        m = pattern.match(line)
+        if not m:
+            continue
+        meta = m.group(2)
+        op = re.search(r'op_name="([^"]*)"', meta)
+        frame = field(meta, "stack_frame_id")
+        src, lineno = re.search(r'source_file="([^"]*)"', meta), field(meta, "source_line")
+        if frame is not None:
+            where = frame_source(frame)
+        elif src and lineno is not None:
+            where = f"{os.path.basename(src.group(1))}:{lineno}"
+        else:
+            where = "?"
+        out[m.group(1).replace(".", "_")] = f"{where} {op.group(1).split('/')[-1] if op else ''}"
+    return out
+
+
+def print_top_kernels(trace_dir: str, n_steps: int, top: int = 25, sources: dict[str, str] | None = None) -> None:
+    """Device time per kernel name from the Perfetto trace, summed over the traced steps.
+
+    With `sources` (see `hlo_sources`) each kernel is shown with the line of code it
+    came from, and the time is also summed per source line.
+    """
     import glob
     import gzip
 
@@ -89,8 +145,21 @@ def print_top_kernels(trace_dir: str, n_steps: int, top: int = 25) -> None:
         kind = next((k for k, keys in kinds if any(key in name for key in keys)), "other")
         by_kind[kind] = by_kind.get(kind, 0.0) + dur
     print("  ".join(f"{k} {v / n_steps / 1e3:.1f} ms" for k, v in sorted(by_kind.items(), key=lambda kv: -kv[1])))
+    sources = sources or {}
+
+    def source(name):
+        return sources.get(name.replace(".", "_"), "")
+
     for name, dur in sorted(totals.items(), key=lambda kv: -kv[1])[:top]:
-        print(f"{dur / n_steps / 1e3:8.2f} ms {100 * dur / total:5.1f}%  {name[:110]}")
+        print(f"{dur / n_steps / 1e3:8.2f} ms {100 * dur / total:5.1f}%  {name[:60]:60s} {source(name)[:80]}")
+    if sources:
+        by_line: dict[str, float] = {}
+        for name, dur in totals.items():
+            line = source(name).split(" ")[0] or "(unattributed)"
+            by_line[line] = by_line.get(line, 0.0) + dur
+        print("device time per source line:")
+        for line, dur in sorted(by_line.items(), key=lambda kv: -kv[1])[:top]:
+            print(f"{dur / n_steps / 1e3:8.2f} ms {100 * dur / total:5.1f}%  {line}")
 
 
 def main(argv=None):
@@ -157,7 +226,7 @@ def main(argv=None):
             for _ in range(3):
                 state, metrics = compiled(state, batch)
             jax.block_until_ready(metrics)
-        print_top_kernels(args.profile, n_steps=3)
+        print_top_kernels(args.profile, n_steps=3, sources=hlo_sources(compiled.as_text()))
     loss = float(metrics["loss/total"])
     flops = analytic_flops_per_field(config, models) * b
     device = jax.devices()[0]
