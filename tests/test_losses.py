@@ -185,6 +185,138 @@ def test_ibot_sinkhorn_and_loss_match_dinov2(seed):
     np.testing.assert_allclose(got, want, rtol=1e-5)
 
 
+# ---- factored targets and the fused iBOT loss ----------------------------------
+
+
+def _garbage_padded(seed, m=48, k=160):
+    """A static buffer: teacher logits bf16, student fp32, padded rows full of garbage."""
+    rng = np.random.default_rng(seed)
+    valid = rng.random(m) < 0.7
+    valid[:2] = True
+    garbage = np.array([np.nan, np.inf, -np.inf, 1e4], np.float32)[np.arange(m) % 4, None]
+    teacher = _logits(rng, m, k, scale=0.3)
+    teacher[~valid] = garbage[~valid]
+    student = _logits(rng, m, k, scale=2.0)
+    student[~valid] = garbage[::-1][~valid]
+    teacher = jnp.asarray(teacher, jnp.bfloat16)
+    weights = np.where(valid, rng.uniform(0.02, 0.5, m), 0.0).astype(np.float32)
+    return teacher, student, weights, valid
+
+
+def test_logsumexp_last_matches_two_pass():
+    rng = np.random.default_rng(0)
+    x = _logits(rng, 6, 3000, scale=30.0)
+    x[1] = -np.inf
+    x[2, :100] = -np.inf
+    x[3, 7] = np.inf
+    peak, log_total = losses._logsumexp_last(jnp.asarray(x))
+    want = np.asarray(jax.nn.logsumexp(jnp.asarray(x), axis=-1))
+    np.testing.assert_allclose(peak + log_total, want, rtol=1e-6)
+    np.testing.assert_array_equal(peak, x.max(axis=1))
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_factored_sinkhorn_matches_dinov2_from_bf16(seed):
+    """The logits are kept bf16 (no fp32 copy); the probabilities are DINOv2's on their values."""
+    teacher, _, _, valid = _garbage_padded(seed)
+    temp = 0.05
+    targets = losses.sinkhorn_targets(teacher, temp, valid=valid)
+    assert targets.logits.dtype == jnp.bfloat16
+    assert np.isneginf(np.asarray(targets.log_row)[~valid]).all()
+    z = np.asarray(teacher.astype(jnp.float32))[valid]
+    want = DINOLoss(teacher.shape[1]).sinkhorn_knopp_teacher(_t(z), temp).numpy()
+    got = np.asarray(targets.probs())
+    np.testing.assert_allclose(got[valid], want, **TOL)
+    assert (got[~valid] == 0).all()
+    np.testing.assert_array_equal(losses.sinkhorn_knopp(teacher, temp, valid=valid), got)
+
+
+def test_factored_centering_matches_dinov2_with_padding():
+    teacher, _, _, valid = _garbage_padded(5)
+    k, temp = teacher.shape[1], 0.05
+    center = jnp.asarray(_logits(np.random.default_rng(1), 1, k, scale=0.2))
+    ref = DINOLoss(k)
+    ref.center = _t(center)
+    z = np.asarray(teacher.astype(jnp.float32))[valid]
+    want = ref.softmax_center_teacher(_t(z), teacher_temp=temp).numpy()
+    got = np.asarray(losses.centered_targets(teacher, center, temp, valid=valid).probs())
+    np.testing.assert_allclose(got[valid], want, **TOL)
+    assert (got[~valid] == 0).all()
+
+
+def _both_targets(teacher, valid):
+    center = jnp.asarray(_logits(np.random.default_rng(9), 1, teacher.shape[1], scale=0.2))
+    return {
+        "sinkhorn": losses.sinkhorn_targets(teacher, 0.05, valid=valid),
+        "centering": losses.centered_targets(teacher, center, 0.05, valid=valid),
+    }
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+@pytest.mark.parametrize("mode", ["sinkhorn", "centering"])
+def test_fused_ibot_loss_and_gradient_match_unfused(seed, mode):
+    """Same value and student gradient as ibot_loss on the materialised targets; padded
+    rows (garbage logits, zero weight) and a zero-weight valid row give exactly 0."""
+    teacher, student, weights, valid = _garbage_padded(seed)
+    student[1] = np.nan
+    weights[1] = 0.0  # a real row dropped by its weight
+    targets = _both_targets(teacher, valid)[mode]
+    fused = jax.value_and_grad(lambda s: losses.ibot_loss(s, targets, weights, 8, 0.1))
+    dense = jax.value_and_grad(lambda s: losses.ibot_loss(s, targets.probs(), weights, 8, 0.1))
+    value, grad = fused(jnp.asarray(student))
+    want, want_grad = dense(jnp.asarray(student))
+    np.testing.assert_allclose(value, want, rtol=1e-6)
+    grad, want_grad = np.asarray(grad), np.asarray(want_grad)
+    live = weights != 0
+    # atol: 1e-6 of the largest gradient (the dense reference rounds as much).
+    np.testing.assert_allclose(grad[live], want_grad[live], rtol=1e-5, atol=1e-6 * np.abs(want_grad[live]).max())
+    assert (grad[~live] == 0).all()
+    # A row without a target contributes nothing even with a weight.
+    weighted_padding = np.where(valid, weights, 0.3).astype(np.float32)
+    value2, grad2 = jax.value_and_grad(lambda s: losses.ibot_loss(s, targets, weighted_padding, 8, 0.1))(
+        jnp.asarray(student)
+    )
+    assert value2 == value
+    np.testing.assert_array_equal(grad2, grad)
+
+
+def test_fused_ibot_loss_bf16_student():
+    """bf16 logits go in as they are and get a bf16 gradient; fp32 inside."""
+    teacher, student, weights, valid = _garbage_padded(1)
+    targets = _both_targets(teacher, valid)["sinkhorn"]
+    s16 = jnp.asarray(student, jnp.bfloat16)
+
+    def loss(s):
+        return losses.ibot_loss(s, targets, weights, 8, 0.1)
+
+    value, grad = jax.value_and_grad(loss)(s16)
+    want, want_grad = jax.value_and_grad(loss)(s16.astype(jnp.float32))
+    assert value.dtype == jnp.float32 and grad.dtype == jnp.bfloat16
+    np.testing.assert_allclose(value, want, rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(grad.astype(jnp.float32)), want_grad, rtol=1e-2, atol=1e-5)
+    assert np.isfinite(np.asarray(grad.astype(jnp.float32))).all()
+
+
+@pytest.mark.parametrize("mode", ["sinkhorn", "centering"])
+def test_fused_ibot_loss_sharded_jit_equals_unsharded(mesh, mode):
+    """Targets, loss and gradient with the buffer's rows over 8 devices == on one."""
+    teacher, student, weights, valid = _garbage_padded(2, m=64)
+    valid[8:16] = False  # one device holds padding only
+    weights[8:16] = 0.0
+
+    def value_and_grad(teacher, student, weights, valid):
+        targets = _both_targets(teacher, valid)[mode]
+        return jax.value_and_grad(lambda s: losses.ibot_loss(s, targets, weights, 8, 0.1))(student)
+
+    want, want_grad = jax.jit(value_and_grad)(teacher, student, weights, valid)
+    rows = NamedSharding(mesh, jax.P("data"))
+    args = [jax.device_put(a, rows) for a in (teacher, student, weights, valid)]
+    got, got_grad = jax.jit(value_and_grad, out_shardings=(None, rows))(*args)
+    assert len(got_grad.sharding.device_set) == 8
+    np.testing.assert_allclose(got, want, rtol=1e-6)
+    np.testing.assert_allclose(got_grad, want_grad, rtol=1e-5, atol=1e-6 * np.abs(want_grad).max())
+
+
 # ---- KoLeo -------------------------------------------------------------------
 
 

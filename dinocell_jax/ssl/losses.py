@@ -1,10 +1,10 @@
 """The self-distillation objective: teacher targets and the DINO, iBOT and KoLeo losses.
 
 Pure `jnp` functions with DINOv2's semantics (`dinov2/loss/*.py`; the parity
-tests run that package on identical inputs). Every function casts its inputs
-to fp32 first: logits come out of a bf16 network, but the softmaxes,
-Sinkhorn-Knopp, the centre and KoLeo's distances are fp32 (REFERENCE.md,
-"Losses").
+tests run that package on identical inputs). Every function computes in fp32:
+logits come out of a bf16 network, but the softmaxes, Sinkhorn-Knopp, the
+centre and KoLeo's distances are fp32 (REFERENCE.md, "Losses"). The [M, K]
+iBOT arrays are cast inside each fused expression rather than up front.
 
 Distribution. A reduction over the sample axis of a batch-sharded array under
 `jax.jit` is already global (XLA inserts the all-reduce), so nothing here needs
@@ -13,9 +13,18 @@ device's block; `update_center` and `sinkhorn_knopp` then take the mesh axis
 name and `psum` their sums over it. `koleo_loss` is the exception: DINOv2
 computes it on each device's batch, so call it on that batch (through
 `shard_map`, or on a reshape of the batch into per-device groups).
+
+Memory traffic. The iBOT targets are [M, K] (M ~ 15k masked tokens, K = 65536):
+each fp32 pass over such an array is ~4 GB of HBM traffic. The teacher targets
+are therefore kept factored (`FactoredTargets`: the teacher's logits as they
+came, plus per-row and per-column log-scales) and every reduction recomputes
+the fp32 values from the bf16 logits inside its own fused loop; `ibot_loss` on
+factored targets is a fused cross-entropy whose backward is one elementwise pass.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,15 +34,120 @@ def _f32(x) -> jax.Array:
     return jnp.asarray(x).astype(jnp.float32)
 
 
+class FactoredTargets(NamedTuple):
+    """Teacher target probabilities without the [N, K] fp32 matrix.
+
+    t[n, k] = exp((f32(logits[n, k]) - shift) * inv_temp + log_row[n] + log_col[k]),
+    and 0 on invalid rows (log_row = -inf, whatever their logits hold). A pytree:
+    jit, shard and `stop_gradient` it like an array.
+    """
+
+    logits: jax.Array  # [N, K] the teacher head's dtype (bf16), not upcast
+    shift: jax.Array  # [] fp32
+    inv_temp: jax.Array  # [] fp32
+    log_row: jax.Array  # [N] fp32, -inf on invalid rows
+    log_col: jax.Array  # [K] fp32
+
+    def row_valid(self) -> jax.Array:
+        """[N] bool."""
+        return self.log_row > -jnp.inf
+
+    def scaled(self) -> jax.Array:
+        """(z - shift) * inv_temp, [N, K] fp32, -inf on invalid rows.
+
+        An elementwise expression of the logits: XLA fuses it into each reduction
+        that consumes it instead of storing it.
+        """
+        x = (_f32(self.logits) - self.shift) * self.inv_temp
+        return jnp.where(self.row_valid()[:, None], x, -jnp.inf)
+
+    def probs(self) -> jax.Array:
+        """t, [N, K] fp32 (materialised: for small heads and tests)."""
+        log_t = self.scaled() + self.log_row[:, None] + self.log_col[None, :]
+        # An invalid row is -inf + log_col, NaN where log_col = +inf (no valid row at all).
+        return jnp.where(self.row_valid()[:, None], jnp.exp(log_t), 0.0)
+
+
+def _logsumexp_last(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(peak, log_total), [...] fp32 each: log sum_k exp(x[..., k]) = peak + log_total.
+
+    One pass: a variadic reduce of (running max, sum scaled to it), where
+    max-then-sum reads x twice. Only over an unsharded axis (K): a variadic
+    reduction across devices is left to the partitioner otherwise. The parts
+    are kept apart so that (x - peak) - log_total keeps fp32 precision where
+    x - (peak + log_total) would lose ulp(peak). -inf entries contribute
+    nothing; a row of -inf gives peak -inf.
+    """
+    x = _f32(x)
+
+    def combine(a, b):
+        (m_a, s_a), (m_b, s_b) = a, b
+        # The smaller side is rescaled by exp(-|m_a - m_b|); equal maxima (also
+        # both -inf or both +inf) add as they are instead of producing NaN.
+        scale = jnp.exp(jnp.where(m_a == m_b, 0.0, -jnp.abs(m_a - m_b)))
+        a_big = m_a >= m_b
+        return (
+            jnp.maximum(m_a, m_b),
+            jnp.where(a_big, s_a + s_b * scale, s_b + s_a * scale),
+        )
+
+    peak, total = jax.lax.reduce(
+        (x, jnp.ones_like(x)), (jnp.float32(-jnp.inf), jnp.float32(0.0)), combine, (x.ndim - 1,)
+    )
+    return peak, jnp.log(total)
+
+
+def _normalise_rows(targets: FactoredTargets) -> FactoredTargets:
+    """log_row chosen so each valid row of t sums to 1 (invalid rows stay -inf)."""
+    peak, log_total = _logsumexp_last(targets.scaled() + targets.log_col[None, :])
+    return targets._replace(log_row=jnp.where(targets.row_valid(), -(peak + log_total), -jnp.inf))
+
+
+def _row_mask(n: int, valid: jax.Array | None, name: str) -> jax.Array:
+    """Initial log_row: 0 on valid rows, -inf on the others, [n] fp32."""
+    if valid is None:
+        return jnp.zeros((n,), jnp.float32)
+    valid = jnp.asarray(valid, bool)
+    if valid.shape != (n,):
+        raise ValueError(f"{name}: valid must be [{n}] bool, got shape {valid.shape}")
+    return jnp.where(valid, 0.0, -jnp.inf)
+
+
+def _teacher_logits(teacher_logits: jax.Array, name: str) -> jax.Array:
+    z = jax.lax.stop_gradient(jnp.asarray(teacher_logits))
+    if z.ndim != 2:
+        raise ValueError(f"{name}: teacher_logits must be [N, K], got shape {z.shape}")
+    return z
+
+
+def centered_targets(teacher_logits: jax.Array, center: jax.Array, temp, *, valid=None) -> FactoredTargets:
+    """DINOv2 momentum-centred teacher targets softmax((z - c) / temp), factored.
+
+    teacher_logits: [N, K] any float dtype, kept as is; center: [1, K] fp32;
+    temp: scalar (may be traced); valid: optional [N] bool, False rows give zeros.
+    shift 0, log_col = -c / temp, log_row = -logsumexp_k((z - c) / temp).
+    """
+    z = _teacher_logits(teacher_logits, "centered_targets")
+    inv_temp = 1.0 / _f32(temp)
+    targets = FactoredTargets(
+        logits=z,
+        shift=jnp.float32(0.0),
+        inv_temp=inv_temp,
+        log_row=_row_mask(z.shape[0], valid, "centered_targets"),
+        log_col=-_f32(center).reshape(-1) * inv_temp,
+    )
+    return _normalise_rows(targets)
+
+
 def softmax_centered(teacher_logits: jax.Array, center: jax.Array, temp) -> jax.Array:
     """DINOv2 momentum-centred teacher targets (`DINOLoss.softmax_center_teacher`).
 
     teacher_logits: [N, K] any float dtype; center: [1, K] fp32; temp: scalar
     (a traced value is fine: the teacher temperature follows a schedule).
-    Returns softmax((z - c) / temp) over K, [N, K] fp32, without gradient (a target).
+    Returns softmax((z - c) / temp) over K, [N, K] fp32, without gradient (a target):
+    the materialised form of `centered_targets`.
     """
-    z = jax.lax.stop_gradient(_f32(teacher_logits))
-    return jax.nn.softmax((z - _f32(center)) / temp, axis=-1)
+    return centered_targets(teacher_logits, center, temp).probs()
 
 
 def update_center(
@@ -89,6 +203,44 @@ def _logsumexp_rows(x: jax.Array, axis_name: str | None) -> jax.Array:
     return jnp.log(total) + peak
 
 
+def sinkhorn_targets(
+    teacher_logits: jax.Array,
+    temp,
+    *,
+    n_iterations: int = 3,
+    valid: jax.Array | None = None,
+    axis_name: str | None = None,
+) -> FactoredTargets:
+    """`sinkhorn_knopp`'s targets, factored: its log-domain potentials, not the matrix.
+
+    Same arguments and guarantees as `sinkhorn_knopp`; the logits are kept in
+    their dtype and each pass re-reads them (the [N, K] fp32 matrix is never
+    stored): log_row = log a, log_col = log c, shift = the global maximum.
+    """
+    z = _teacher_logits(teacher_logits, "sinkhorn_knopp")
+    if n_iterations < 1:
+        raise ValueError(f"sinkhorn_knopp: n_iterations must be >= 1, got {n_iterations}")
+    log_a = _row_mask(z.shape[0], valid, "sinkhorn_knopp")
+    # The global shift is exact (see sinkhorn_knopp) and keeps z / t well resolved in
+    # fp32: dividing logits near 50 by 0.04 first would round away ~1e-4 of each exponent.
+    peak = jnp.max(jnp.where(log_a[:, None] > -jnp.inf, _f32(z), -jnp.inf))
+    if axis_name is not None:
+        peak = jax.lax.pmax(peak, axis_name)
+    # log a_b (per sample) is log_row, log c_k (per prototype) log_col; a padded row
+    # keeps log a = -inf.
+    targets = FactoredTargets(
+        logits=z,
+        shift=jnp.where(jnp.isfinite(peak), peak, 0.0),
+        inv_temp=1.0 / _f32(temp),
+        log_row=log_a,
+        log_col=jnp.zeros(z.shape[1:], jnp.float32),
+    )
+    for _ in range(n_iterations):
+        log_c = -_logsumexp_rows(targets.scaled() + targets.log_row[:, None], axis_name)
+        targets = _normalise_rows(targets._replace(log_col=log_c))
+    return targets
+
+
 def sinkhorn_knopp(
     teacher_logits: jax.Array,
     temp,
@@ -105,7 +257,8 @@ def sinkhorn_knopp(
     the mesh axis the samples are split over (the prototype sums are then over
     all devices, DINOv2's all-reduce). Without it, under `jax.jit` with the
     samples sharded, the sums are global already. Returns [N, K] fp32, each
-    valid row a distribution over K, without gradient (a target).
+    valid row a distribution over K, without gradient (a target). The materialised
+    form of `sinkhorn_targets`.
 
     The reference iterates on Q = exp(z / t).T: Q /= sum(Q); then n times:
     Q /= rowsum (over all samples), Q /= K, Q /= colsum (per sample), Q /= B;
@@ -124,36 +277,9 @@ def sinkhorn_knopp(
     we do that, and iterate in the log domain, where no column can underflow to
     zero either: the result is finite for any finite logits.
     """
-    z = jax.lax.stop_gradient(_f32(teacher_logits))
-    if z.ndim != 2:
-        raise ValueError(f"sinkhorn_knopp: teacher_logits must be [N, K], got shape {z.shape}")
-    if n_iterations < 1:
-        raise ValueError(f"sinkhorn_knopp: n_iterations must be >= 1, got {n_iterations}")
-    if valid is not None:
-        valid = jnp.asarray(valid, bool)
-        if valid.shape != z.shape[:1]:
-            raise ValueError(f"sinkhorn_knopp: valid must be [{z.shape[0]}] bool, got shape {valid.shape}")
-        z = jnp.where(valid[:, None], z, -jnp.inf)
-    # The global shift is exact (see above) and keeps z / t well resolved in fp32:
-    # dividing logits near 50 by 0.04 first would round away ~1e-4 of each exponent.
-    peak = jnp.max(z)
-    if axis_name is not None:
-        peak = jax.lax.pmax(peak, axis_name)
-    x = (z - jnp.where(jnp.isfinite(peak), peak, 0.0)) / temp
-    # log a_b (per sample), log c_k (per prototype); a padded row keeps log a = -inf.
-    log_a = jnp.zeros(z.shape[:1], jnp.float32)
-    if valid is not None:
-        log_a = jnp.where(valid, log_a, -jnp.inf)
-    for _ in range(n_iterations):
-        log_c = -_logsumexp_rows(x + log_a[:, None], axis_name)
-        log_a = -jax.nn.logsumexp(x + log_c[None, :], axis=1)
-        if valid is not None:
-            log_a = jnp.where(valid, log_a, -jnp.inf)
-    q = jnp.exp(x + log_a[:, None] + log_c[None, :])
-    if valid is not None:
-        # With no valid sample anywhere log_c is +inf and -inf + inf is NaN.
-        q = jnp.where(valid[:, None], q, 0.0)
-    return q
+    return sinkhorn_targets(
+        teacher_logits, temp, n_iterations=n_iterations, valid=valid, axis_name=axis_name
+    ).probs()
 
 
 def dino_cross_entropy(student_logits: jax.Array, teacher_probs: jax.Array, student_temp) -> jax.Array:
@@ -180,28 +306,74 @@ def dino_cross_entropy(student_logits: jax.Array, teacher_probs: jax.Array, stud
     return -jnp.sum(jnp.sum(t, axis=0) * log_p) / s.shape[1]
 
 
+@jax.custom_vjp
+def _factored_cross_entropy(student_logits: jax.Array, targets: FactoredTargets, inv_temp: jax.Array) -> jax.Array:
+    """ce[m] = -sum_k t[m, k] log_softmax(s[m] * inv_temp)[k], [M] fp32; 0 on invalid rows.
+
+    Fused: t is recomputed from its factors inside each reduction, the student
+    logits are read in their dtype, and the backward is one elementwise pass
+    (the autodiff of log_softmax would store and re-read [M, K] fp32 arrays).
+    Rows with a zero cotangent get exactly zero gradient, whatever they hold.
+    """
+    return _factored_cross_entropy_fwd(student_logits, targets, inv_temp)[0]
+
+
+def _factored_cross_entropy_fwd(s, targets, inv_temp):
+    # ce = lse * sum_k t - sum_k t * s / tau: sibling reductions XLA can fuse into one pass.
+    peak, log_total = _logsumexp_last(_f32(s) * inv_temp)
+    t = targets.probs()
+    mass = jnp.sum(t, axis=-1)
+    ce = (peak + log_total) * mass - jnp.sum(t * _f32(s), axis=-1) * inv_temp
+    # Padded rows may hold anything: 0 * inf is NaN.
+    ce = jnp.where(targets.row_valid(), ce, 0.0)
+    return ce, (s, targets, inv_temp, peak, log_total, mass)
+
+
+def _factored_cross_entropy_bwd(residuals, g):
+    s, targets, inv_temp, peak, log_total, mass = residuals
+    keep = (g != 0) & targets.row_valid()
+    softmax = jnp.exp((_f32(s) * inv_temp - peak[:, None]) - log_total[:, None])
+    grad = (g * inv_temp)[:, None] * (softmax * mass[:, None] - targets.probs())
+    # The targets are constants (stop_gradient upstream): no cotangent for them.
+    return jnp.where(keep[:, None], grad, 0.0).astype(s.dtype), None, None
+
+
+_factored_cross_entropy.defvjp(_factored_cross_entropy_fwd, _factored_cross_entropy_bwd)
+
+
 def ibot_loss(
-    student_logits: jax.Array, teacher_probs: jax.Array, weights: jax.Array, n_images, student_temp
+    student_logits: jax.Array,
+    teacher: jax.Array | FactoredTargets,
+    weights: jax.Array,
+    n_images,
+    student_temp,
 ) -> jax.Array:
     """DINOv2 `iBOTPatchLoss.forward_masked` over a static buffer of masked tokens.
 
-    student_logits, teacher_probs: [M, K] (M = the buffer's `upperbound` rows);
+    student_logits: [M, K] any float dtype (M = the buffer's `upperbound` rows),
+    passed as the head returned it; teacher: [M, K] probabilities or
+    `FactoredTargets` (the training step's: a fused cross-entropy that never
+    builds an [M, K] fp32 array, its gradient in student_logits' dtype);
     weights: [M] fp32, 1 / (masked tokens of the token's image), 0 for padded rows
     (as `masking.gather_masked` returns); n_images: the number of global-crop
     images, masked or not (DINOv2 divides by all of them). Returns a scalar fp32:
     -sum_m w_m sum_k t[m, k] log_softmax(s[m] / student_temp)[k] / n_images.
     """
-    s = _f32(student_logits)
-    t = _f32(teacher_probs)
+    s = jnp.asarray(student_logits)
     w = _f32(weights)
-    if s.shape != t.shape or s.ndim != 2 or w.shape != s.shape[:1]:
+    t_shape = teacher.logits.shape if isinstance(teacher, FactoredTargets) else jnp.shape(teacher)
+    if s.shape != t_shape or s.ndim != 2 or w.shape != s.shape[:1]:
         raise ValueError(
-            f"ibot_loss: need student [M,K], teacher [M,K], weights [M]; got {s.shape}, {t.shape}, {w.shape}"
+            f"ibot_loss: need student [M,K], teacher [M,K], weights [M]; got {s.shape}, {t_shape}, {w.shape}"
         )
-    per_token = jnp.sum(t * jax.nn.log_softmax(s / student_temp, axis=-1), axis=-1)
+    if isinstance(teacher, FactoredTargets):
+        per_token = _factored_cross_entropy(s, teacher, 1.0 / _f32(student_temp))
+    else:
+        log_p = jax.nn.log_softmax(_f32(s) / student_temp, axis=-1)
+        per_token = -jnp.sum(_f32(teacher) * log_p, axis=-1)
     # Padded rows may hold anything; a zero weight must not turn inf/NaN into the loss.
     per_token = jnp.where(w != 0, per_token * w, 0.0)
-    return -jnp.sum(per_token) / n_images
+    return jnp.sum(per_token) / n_images
 
 
 def koleo_loss(x: jax.Array, eps: float = 1e-8) -> jax.Array:

@@ -149,14 +149,12 @@ def _tree_norm(tree) -> jax.Array:
 
 
 def _teacher_targets(config, logits, temp, center, valid=None):
-    """Teacher probabilities [N,K] fp32 and the centre for the next step."""
+    """Teacher targets, factored (`losses.FactoredTargets`), and the centre for the next step."""
     if config.loss.centering == "sinkhorn_knopp":
-        return losses.sinkhorn_knopp(logits, temp, valid=valid), center
-    probs = losses.softmax_centered(logits, center, temp)
-    if valid is not None:
-        probs = probs * valid[:, None]
+        return losses.sinkhorn_targets(logits, temp, valid=valid), center
+    targets = losses.centered_targets(logits, center, temp, valid=valid)
     new_center = losses.update_center(center, logits, config.loss.center_momentum, valid=valid)
-    return probs, new_center
+    return targets, new_center
 
 
 def koleo_group_size(config, n_devices: int) -> int:
@@ -193,12 +191,14 @@ def ssl_loss(params, teacher, center, views, masks, temps, models: Models, confi
     t_cls = jnp.concatenate([t_cls[b:], t_cls[:b]], axis=0)
     t_patch, t_weights, t_valid, _ = masking.gather_masked(out_t["x_norm_patchtokens"], masks_flat, upper)
     t_dino_logits = dino_t(t_cls).astype(jnp.float32)
-    t_ibot_logits = ibot_t(t_patch).astype(jnp.float32)
+    # The iBOT logits stay in the head's dtype: [M, K] with K = 65536, the targets
+    # are kept factored and the loss reads them in its fused passes.
+    t_ibot_logits = ibot_t(t_patch)
     t_dino, new_dino_center = _teacher_targets(config, t_dino_logits, temps["teacher"], center["dino"])
     t_ibot, new_ibot_center = _teacher_targets(
         config, t_ibot_logits, temps["teacher"], center["ibot"], valid=t_valid
     )
-    t_dino = jax.lax.stop_gradient(t_dino)
+    t_dino = jax.lax.stop_gradient(t_dino.probs())
     t_ibot = jax.lax.stop_gradient(t_ibot)
 
     # ---- student: masked global crops, then local crops
@@ -212,7 +212,7 @@ def ssl_loss(params, teacher, center, views, masks, temps, models: Models, confi
     s_patch, weights, _, _ = masking.gather_masked(out_g["x_norm_patchtokens"], masks_flat, upper)
     s_dino_g = dino_s(s_cls_g).astype(jnp.float32)
     s_dino_l = dino_s(out_l["x_norm_clstoken"]).astype(jnp.float32)
-    s_ibot = ibot_s(s_patch).astype(jnp.float32)
+    s_ibot = ibot_s(s_patch)
 
     # ---- losses, with DINOv2's term counts: 2 cross-view global pairs, L x 2 local pairs
     n_terms = (n_global - 1) * n_global + n_local * n_global
