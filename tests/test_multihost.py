@@ -268,14 +268,17 @@ def test_two_processes_train_like_one(tmp_path):
     pair, single = _losses(pair_dir), _losses(single_dir)
     for a, b in zip(pair, single, strict=True):
         for key in a:
-            np.testing.assert_allclose(a[key], b[key], rtol=1e-5, atol=1e-6, err_msg=key)
+            # KoLeo takes the log of nearest-neighbour distances of nearly collapsed tiny-model
+            # features, which turns last-bit differences of the sums into ~1e-5 of the loss;
+            # a wrong batch or step moves the losses by 1e-2 or more.
+            np.testing.assert_allclose(a[key], b[key], rtol=1e-4, atol=1e-6, err_msg=key)
     for tree in ("student", "teacher"):
         a, b = getattr(pair_state, tree), getattr(single_state, tree)
         paths = optim.param_paths(a)
         for path, x, y in zip(jax.tree.leaves(paths), jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
             # Adam divides by sqrt(v): a gradient element near zero turns a last-bit difference of
-            # a cross-process sum into ~1e-5 of its update; a wrong batch or step moves ~1e-3.
-            np.testing.assert_allclose(x, y, rtol=0, atol=5e-5, err_msg=f"{tree}/{path}")
+            # a cross-process sum into ~1e-5 of its update (seen up to 5.5e-5); a wrong batch or step moves ~1e-3.
+            np.testing.assert_allclose(x, y, rtol=0, atol=1e-4, err_msg=f"{tree}/{path}")
 
 
 @pytest.mark.slow
