@@ -124,13 +124,14 @@ class _Reporter:
 def _validation_batches(config, source, mesh) -> list[dict]:
     """`eval.val_batches` fixed global batches of held-out fields, with fixed iBOT masks."""
     batch, rows = config.train.batch_size, parallel.process_rows(mesh, config.train.batch_size)
+    group = step_lib.device_group_size(config, mesh.size)
     n = min(len(source) // batch, config.eval.val_batches)
     out = []
     for i in range(n):
         records = [source[i * batch + j] for j in range(rows.start, rows.stop)]
         local = {k: np.stack([r[k] for r in records]) for k in ("field", "norm_low", "norm_high")}
         # A mask stream of its own (step ids past any training step).
-        local["masks"] = step_lib.host_masks(config, 2**31 + i)[rows]
+        local["masks"] = step_lib.host_masks(config, 2**31 + i, group)[rows]
         out.append(parallel.to_global_batch(local, mesh))
     return out
 
@@ -180,6 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     probe, probe_meta = _probe_batch(config, holdout, mesh)
     channel_names = [c.name for c in channel_list(config.data)]  # the planes' order in a field
     local_rows = parallel.process_rows(mesh, config.train.batch_size)  # this process's rows of the masks
+    mask_group = step_lib.device_group_size(config, jax.device_count())  # iBOT masks are drawn per group
 
     # ---- Model, schedules, optimiser
     models = step_lib.make_models(config)
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> int:
                 with data_wait.waiting():
                     local = next(train_iter)
                 local = {k: local[k] for k in ("field", "norm_low", "norm_high")}
-                local["masks"] = step_lib.host_masks(config, step)[local_rows]
+                local["masks"] = step_lib.host_masks(config, step, mask_group)[local_rows]
                 batch = parallel.to_global_batch(local, mesh)
                 state, metrics = train_step(state, batch)
                 if pending is not None:

@@ -56,7 +56,8 @@ def analytic_flops_per_field(config, models) -> float:
     backbone = 3 * (2 * g + c.n_local * l) + 2 * g  # student fwd+bwd, teacher fwd
     head_row = 2 * (v.embed_dim * h.hidden_dim + (h.n_layers - 2) * h.hidden_dim ** 2
                     + h.hidden_dim * h.bottleneck_dim + h.bottleneck_dim * h.out_dim)
-    masked_rows = models.mask_upperbound / config.train.batch_size  # the static iBOT buffer
+    group = step_lib.device_group_size(config, jax.device_count())
+    masked_rows = step_lib.mask_upperbound(config, group) / group  # the static iBOT buffer
     heads = head_row * (3 * (2 + c.n_local) + 2 + 4 * masked_rows)
     return backbone + heads
 
@@ -189,7 +190,7 @@ def main(argv=None):
         "field": rng.integers(100, 60000, (b, n_ch, f, f), dtype=np.uint16),
         "norm_low": np.full((b, n_ch), 100.0, np.float32),
         "norm_high": np.full((b, n_ch), 60000.0, np.float32),
-        "masks": step_lib.host_masks(config, 0),
+        "masks": step_lib.host_masks(config, 0, step_lib.device_group_size(config, n_devices)),
     }
     if args.no_aug:
         cin = step_lib.input_channels(config)

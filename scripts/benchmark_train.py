@@ -102,6 +102,7 @@ def main(argv=None) -> int:
         if proc.returncode:
             raise SystemExit(f"error: mode {mode} failed:\n{proc.stderr[-4000:]}")
         results[mode] = _read(workdir, batch)
+        print(json.dumps({"mode": mode, **results[mode]}), flush=True)  # partial results survive a timeout
 
     out = {"batch": batch, "steps": args.steps, **{f"{m}_{k}": v for m, r in results.items() for k, v in r.items()}}
     if "off" in results and "guide" in results:

@@ -31,7 +31,7 @@ def _fields(config, step, rng):
         "field": fields,
         "norm_low": np.full((b, 5), 800.0, np.float32),
         "norm_high": np.full((b, 5), 7000.0, np.float32),
-        "masks": step_lib.host_masks(config, step),
+        "masks": step_lib.host_masks(config, step, step_lib.device_group_size(config, 1)),
     }, kind
 
 

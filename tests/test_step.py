@@ -24,7 +24,7 @@ def _host_batch(config, step):
         "field": fields,
         "norm_low": np.stack([b[0] for b in bounds]),
         "norm_high": np.stack([b[1] for b in bounds]),
-        "masks": step_lib.host_masks(config, step),
+        "masks": step_lib.host_masks(config, step, step_lib.device_group_size(config, 1)),
     }
 
 

@@ -57,7 +57,6 @@ class Models:
     vit: vit_lib.ViTConfig
     separate_ibot_head: bool
     n_global_patches: int
-    mask_upperbound: int
 
     def merge(self, params: Params):
         backbone = nnx.merge(self.backbone, params["backbone"])
@@ -95,17 +94,11 @@ def make_models(config) -> Models:
     vit_cfg = vit_lib.vit_config_from(config.model, input_channels(config))
     grid = config.crops.global_size // config.model.patch_size
     n_patches = grid * grid
-    batch = config.train.batch_size
-    upper = masking.masked_upperbound(
-        2 * batch, n_patches, (config.loss.mask_ratio_min, config.loss.mask_ratio_max),
-        config.loss.mask_sample_probability,
-    )
     separate = bool(config.heads.separate_ibot_head)
     return Models(
         backbone=graphdefs["backbone"], dino_head=graphdefs["dino_head"],
         ibot_head=graphdefs["ibot_head"] if separate else graphdefs["dino_head"],
         vit=vit_cfg, separate_ibot_head=separate, n_global_patches=n_patches,
-        mask_upperbound=max(int(upper), 1),
     )
 
 
@@ -157,22 +150,52 @@ def _teacher_targets(config, logits, temp, center, valid=None):
     return targets, new_center
 
 
-def koleo_group_size(config, n_devices: int) -> int:
-    """Samples per KoLeo neighbourhood: DINOv2 takes each device's batch.
+def device_group_size(config, n_devices: int) -> int:
+    """Samples per device group, DINOv2's per-GPU batch: the KoLeo neighbourhoods and
+    the sets iBOT masks are drawn for (and gathered from) are each device's samples.
 
-    A fixed group size makes the loss independent of how the batch is laid
-    out on devices (8 devices and 1 device give the same step).
+    `loss.koleo_group_size` fixes it, which makes the step independent of how the
+    batch is laid out on devices (8 devices and 1 device give the same step).
     """
     if config.loss.koleo_group_size > 0:
         return int(config.loss.koleo_group_size)
     return config.train.batch_size // n_devices
 
 
-def ssl_loss(params, teacher, center, views, masks, temps, models: Models, config, drop_key, koleo_group):
+def mask_upperbound(config, group: int) -> int:
+    """Static rows of one device group's iBOT buffer (its 2 x group global crops)."""
+    upper = masking.masked_upperbound(
+        2 * group, (config.crops.global_size // config.model.patch_size) ** 2,
+        (config.loss.mask_ratio_min, config.loss.mask_ratio_max), config.loss.mask_sample_probability,
+    )
+    return max(int(upper), 1)
+
+
+def _gather_masked_by_group(tokens, masks, group: int, upper: int):
+    """`masking.gather_masked` within each device group: tokens [R, N, D] and masks
+    [R, N] in sample-major rows (R = 2 x batch) -> buffer [G*U, D], weights, valid [G*U].
+
+    Each group's buffer holds only its own samples' masked tokens, so the iBOT head and
+    loss stay sharded with the batch (one global buffer would gather every device's
+    tokens onto every device).
+    """
+    rows, n, d = tokens.shape
+    n_groups = rows // (2 * group)
+    gather = jax.vmap(lambda t, m: masking.gather_masked(t, m, upper)[:3])
+    buffer, weights, valid = gather(tokens.reshape(n_groups, 2 * group, n, d), masks.reshape(n_groups, 2 * group, n))
+    return buffer.reshape(n_groups * upper, d), weights.reshape(-1), valid.reshape(-1)
+
+
+def ssl_loss(params, teacher, center, views, masks, temps, models: Models, config, drop_key, group):
     """The SSLMetaArch objective. Returns (total, (metrics, new_center)).
 
-    views: global_crops [2,B,G,G,C], local_crops [L,B,S,S,C]; masks [B,2,N] bool.
-    drop_key None turns drop path off.
+    views: global_crops [2,B,G,G,C], local_crops [L,B,S,S,C]; masks [B,2,N] bool;
+    group: samples per device group (`device_group_size`). drop_key None turns drop
+    path off.
+
+    The networks see the crops in sample-major rows (image b's crops next to each
+    other), so the sharded batch axis stays the leading one and each device keeps its
+    own rows; a crop-major flatten of [crops, B] would interleave the devices' shards.
     """
     backbone_t, dino_t, ibot_t = models.merge(jax.lax.stop_gradient(teacher))
     backbone_s, dino_s, ibot_s = models.merge(params)
@@ -180,16 +203,19 @@ def ssl_loss(params, teacher, center, views, masks, temps, models: Models, confi
     g = views["global_crops"]
     n_global, b = g.shape[0], g.shape[1]
     n_local = views["local_crops"].shape[0]
-    globals_flat = g.reshape((n_global * b,) + g.shape[2:])
-    masks_flat = jnp.swapaxes(masks, 0, 1).reshape(n_global * b, -1)  # crop-major, as globals_flat
-    upper = models.mask_upperbound
+    globals_flat = jnp.swapaxes(g, 0, 1).reshape((b * n_global,) + g.shape[2:])
+    masks_flat = masks.reshape(b * n_global, -1)  # [B, 2, N] is sample-major already
+    upper = mask_upperbound(config, group)
+
+    def crop_major(x, n_crops):  # sample-major rows [B*n, ...] -> [n, B, ...]
+        return jnp.swapaxes(x.reshape((b, n_crops) + x.shape[1:]), 0, 1)
 
     # ---- teacher: the two global crops, unmasked
     out_t = backbone_t(globals_flat)
     t_cls = out_t["x_norm_clstoken"]
-    # Swap the halves so student crop A is matched with teacher crop B (DINOv2).
-    t_cls = jnp.concatenate([t_cls[b:], t_cls[:b]], axis=0)
-    t_patch, t_weights, t_valid, _ = masking.gather_masked(out_t["x_norm_patchtokens"], masks_flat, upper)
+    # Swap each image's two crops so student crop A is matched with teacher crop B (DINOv2).
+    t_cls = t_cls.reshape(b, n_global, -1)[:, ::-1].reshape(b * n_global, -1)
+    t_patch, _, t_valid = _gather_masked_by_group(out_t["x_norm_patchtokens"], masks_flat, group, upper)
     t_dino_logits = dino_t(t_cls).astype(jnp.float32)
     # The iBOT logits stay in the head's dtype: [M, K] with K = 65536, the targets
     # are kept factored and the loss reads them in its fused passes.
@@ -206,10 +232,10 @@ def ssl_loss(params, teacher, center, views, masks, temps, models: Models, confi
     out_g = backbone_s(globals_flat, masks_flat, drop_path_key=k_global)
     locals_ = views["local_crops"]
     out_l = backbone_s(
-        locals_.reshape((n_local * b,) + locals_.shape[2:]), drop_path_key=k_local
+        jnp.swapaxes(locals_, 0, 1).reshape((b * n_local,) + locals_.shape[2:]), drop_path_key=k_local
     )
     s_cls_g = out_g["x_norm_clstoken"]
-    s_patch, weights, _, _ = masking.gather_masked(out_g["x_norm_patchtokens"], masks_flat, upper)
+    s_patch, weights, _ = _gather_masked_by_group(out_g["x_norm_patchtokens"], masks_flat, group, upper)
     s_dino_g = dino_s(s_cls_g).astype(jnp.float32)
     s_dino_l = dino_s(out_l["x_norm_clstoken"]).astype(jnp.float32)
     s_ibot = ibot_s(s_patch)
@@ -218,14 +244,14 @@ def ssl_loss(params, teacher, center, views, masks, temps, models: Models, confi
     n_terms = (n_global - 1) * n_global + n_local * n_global
     k = t_dino.shape[-1]
     dino_local = losses.dino_cross_entropy(
-        s_dino_l.reshape(n_local, b, k), t_dino.reshape(n_global, b, k), lc.student_temp
+        crop_major(s_dino_l, n_local), crop_major(t_dino, n_global), lc.student_temp
     ) / n_terms
     dino_global = losses.dino_cross_entropy(
         s_dino_g[None], t_dino[None], lc.student_temp
     ) * n_global / n_terms
     dino = dino_local + dino_global
     ibot = losses.ibot_loss(s_ibot, t_ibot, weights, n_global * b, lc.student_temp)
-    cls32 = s_cls_g.astype(jnp.float32).reshape(n_global, -1, koleo_group, s_cls_g.shape[-1])
+    cls32 = crop_major(s_cls_g.astype(jnp.float32), n_global).reshape(n_global, -1, group, s_cls_g.shape[-1])
     koleo_per_crop = jax.vmap(jax.vmap(losses.koleo_loss))(cls32).mean(axis=1)  # [2]
     koleo = lc.koleo_weight * jnp.sum(koleo_per_crop)
     total = lc.dino_weight * dino + lc.ibot_weight * ibot + koleo
@@ -249,7 +275,7 @@ def make_train_step(config, models: Models, optimizer, schedules: Schedules, n_d
     benchmark uses it to time the model alone.
     """
     aug_cfg = augment.AugmentConfig.from_config(config)
-    koleo_group = koleo_group_size(config, n_devices)
+    group = device_group_size(config, n_devices)
     clip = float(config.optim.clip_grad)  # <= 0: no clipping, norms still returned
     log_gradients = bool(config.wandb.log_gradients)
     hist_every = int(config.wandb.histogram_interval)
@@ -268,7 +294,7 @@ def make_train_step(config, models: Models, optimizer, schedules: Schedules, n_d
         grad_fn = jax.value_and_grad(ssl_loss, has_aux=True)
         (_, (metrics, new_center)), grads = grad_fn(
             state.student, state.teacher, state.center, views, batch["masks"], temps,
-            models, config, k_drop, koleo_group,
+            models, config, k_drop, group,
         )
         # Statistics of the raw gradients: what the clip threshold and the guide's
         # health thresholds act on.
@@ -381,7 +407,7 @@ def make_eval_loss(config, models: Models, n_devices: int):
     model, not the regulariser.
     """
     aug_cfg = augment.AugmentConfig.from_config(config)
-    koleo_group = koleo_group_size(config, n_devices)
+    group = device_group_size(config, n_devices)
     schedules = Schedules.from_config(config)
 
     def eval_loss(state: TrainState, batch: dict) -> dict:
@@ -390,28 +416,33 @@ def make_eval_loss(config, models: Models, n_devices: int):
         temps = {"teacher": schedules.teacher_temp(state.step)}
         _, (metrics, _) = ssl_loss(
             state.teacher, state.teacher, state.center, views, batch["masks"], temps,
-            models, config, None, koleo_group,
+            models, config, None, group,
         )
         return metrics
 
     return eval_loss
 
 
-def host_masks(config, step: int) -> np.ndarray:
+def host_masks(config, step: int, group: int) -> np.ndarray:
     """iBOT masks [B,2,N] bool of the global batch of a step, deterministic by (seed, step).
 
-    Every process draws the whole batch's masks (cheap) and keeps its rows, so
-    the stratified ratios and the static upper bound hold for the global batch.
+    Drawn per device group of `group` samples (`device_group_size`), as DINOv2's
+    collate draws them per GPU: each group's 2 x group crops get the stratified
+    ratios, so each group's masked count stays under `mask_upperbound(config, group)`.
+    Every process draws the whole batch's masks (cheap) and keeps its rows.
     """
     batch_size = config.train.batch_size
     rng = np.random.default_rng([config.seed, 0x1B07, int(step)])
     grid = config.crops.global_size // config.model.patch_size
-    masks = masking.sample_batch_masks(
-        rng, 2 * batch_size, (grid, grid),
-        (config.loss.mask_ratio_min, config.loss.mask_ratio_max),
-        config.loss.mask_sample_probability,
-    )
-    return masks.reshape(batch_size, 2, -1)
+    masks = [
+        masking.sample_batch_masks(
+            rng, 2 * group, (grid, grid),
+            (config.loss.mask_ratio_min, config.loss.mask_ratio_max),
+            config.loss.mask_sample_probability,
+        ).reshape(group, 2, -1)
+        for _ in range(batch_size // group)
+    ]
+    return np.concatenate(masks)
 
 
 def param_histograms(params: Params, bins: int = 64) -> dict[str, tuple[jax.Array, jax.Array]]:
