@@ -20,3 +20,15 @@ def test_benchmark_runs_at_toy_size():
         assert key in result, key
     assert result["n_devices"] == 8 and result["batch"] == 32
     assert result["images_per_s"] > 0 and result["step_s"] > 0 and result["gflop_per_image"] > 0
+
+
+def test_benchmark_train_runs_the_real_trainer_at_toy_size(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "benchmark_train.py"), "--config", "configs/demo.py",
+         "--steps", "20", "--log_interval", "10", "--modes", "off", "--workdir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["batch"] == 32 and result["off_windows"] == 1
+    assert result["off_images_per_s"] > 0 and 0.0 <= result["off_input_wait_share"] < 1.0
