@@ -121,17 +121,16 @@ class _Reporter:
             self.logger.log_metrics(scalars, done)
 
 
-def _validation_batches(config, source, mesh) -> list[dict]:
+def _validation_batches(config, source, mesh, mask_group: int) -> list[dict]:
     """`eval.val_batches` fixed global batches of held-out fields, with fixed iBOT masks."""
     batch, rows = config.train.batch_size, parallel.process_rows(mesh, config.train.batch_size)
-    group = step_lib.device_group_size(config, mesh.size)
     n = min(len(source) // batch, config.eval.val_batches)
     out = []
     for i in range(n):
         records = [source[i * batch + j] for j in range(rows.start, rows.stop)]
         local = {k: np.stack([r[k] for r in records]) for k in ("field", "norm_low", "norm_high")}
         # A mask stream of its own (step ids past any training step).
-        local["masks"] = step_lib.host_masks(config, 2**31 + i, group)[rows]
+        local["masks"] = step_lib.host_masks(config, 2**31 + i, mask_group)[rows]
         out.append(parallel.to_global_batch(local, mesh))
     return out
 
@@ -181,7 +180,7 @@ def main(argv: list[str] | None = None) -> int:
     probe, probe_meta = _probe_batch(config, holdout, mesh)
     channel_names = [c.name for c in channel_list(config.data)]  # the planes' order in a field
     local_rows = parallel.process_rows(mesh, config.train.batch_size)  # this process's rows of the masks
-    mask_group = step_lib.device_group_size(config, jax.device_count())  # iBOT masks are drawn per group
+    mask_group = step_lib.device_group_size(config, n_devices)  # iBOT masks are drawn per device group
 
     # ---- Model, schedules, optimiser
     models = step_lib.make_models(config)
@@ -230,7 +229,7 @@ def main(argv: list[str] | None = None) -> int:
     eval_cfg = config.eval
     if eval_cfg.interval > 0:
         evaluator = evaluate.make_evaluator(config, models)
-        val_batches = _validation_batches(config, holdout, mesh)
+        val_batches = _validation_batches(config, holdout, mesh, mask_group)
         eval_loss = jax.jit(step_lib.make_eval_loss(config, models, n_devices),
                             in_shardings=(shardings, batch_shardings))
 
