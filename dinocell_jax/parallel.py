@@ -57,6 +57,31 @@ def replicated(mesh) -> NamedSharding:
     return NamedSharding(mesh, jax.P())
 
 
+def active_devices() -> int:
+    """Devices of the mesh set by `jax.set_mesh` around tracing (1 without one)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else mesh.size
+
+
+def per_device(fn):
+    """`fn` run on each device's rows: every argument and result is split on its leading
+    axis over the whole active mesh, as the batch is. Without a mesh it is `fn`.
+
+    For gathers and scatters with data-dependent row numbers local to each device's
+    rows (drop path's subsets, iBOT's masked tokens): left to the SPMD partitioner, a
+    gather into the sharded batch becomes "every device gathers every row" (an
+    all-reduce of the gathered rows) and what follows runs replicated on every device.
+    """
+    def run(*args):
+        mesh = jax.sharding.get_abstract_mesh()
+        if mesh.empty or mesh.size == 1:
+            return fn(*args)
+        rows = jax.P(mesh.axis_names)
+        return jax.shard_map(fn, mesh=mesh, in_specs=rows, out_specs=rows)(*args)
+
+    return run
+
+
 def _fsdp_spec(path: str, shape, rules, fsdp_size: int) -> jax.P:
     for pattern, axis in rules:
         if re.fullmatch(pattern, path):

@@ -209,7 +209,8 @@ def main(argv=None):
                    out_shardings=(shardings, parallel.replicated(mesh)), donate_argnums=0)
 
     t0 = time.perf_counter()
-    compiled = step.lower(state, batch).compile()
+    with jax.set_mesh(mesh):  # as train.py: drop path draws its subsets per device
+        compiled = step.lower(state, batch).compile()
     compile_s = time.perf_counter() - t0
     for _ in range(args.warmup):
         state, metrics = compiled(state, batch)

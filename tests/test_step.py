@@ -104,3 +104,28 @@ def test_both_teacher_target_modes_run(centering):
     config = tiny_config(**{"loss.centering": centering, "heads.separate_ibot_head": centering == "centering"})
     _, hist = _run(config, jax.devices(), 1)
     assert np.isfinite(hist[0]["loss/total"])
+
+
+def test_masked_tokens_gathered_on_each_device():
+    # One device group per device (the default group size): each device gathers its own
+    # masked tokens, with no collective, into the same buffer the reference (a gather
+    # per group, no mesh) builds.
+    group, n_devices, n_patches, dim = 2, 8, 16, 4
+    rng = np.random.default_rng(0)
+    rows = 2 * group * n_devices
+    tokens = rng.standard_normal((rows, n_patches, dim)).astype(np.float32)
+    masks = rng.random((rows, n_patches)) < 0.3
+    upper = int(masks.reshape(n_devices, -1).sum(1).max())
+    want = step_lib._gather_masked_by_group(tokens, masks, group, upper)
+    mesh = jax.make_mesh((n_devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    sharding = jax.NamedSharding(mesh, jax.P("data"))
+    gather = jax.jit(lambda t, m: step_lib._gather_masked_by_group(t, m, group, upper))
+    with jax.set_mesh(mesh):
+        t, m = jax.device_put(tokens, sharding), jax.device_put(masks, sharding)
+        got = gather(t, m)
+        hlo = gather.lower(t, m).compile().as_text()
+    for a, b in zip(got, want):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert got[0].sharding.spec[0] is not None  # the buffer stays split over the devices
+    for collective in ("all-reduce", "all-gather", "all-to-all", "collective-permute"):
+        assert collective not in hlo, collective

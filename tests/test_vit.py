@@ -273,6 +273,24 @@ def test_drop_path_subsets_are_per_device_under_a_mesh():
     np.testing.assert_allclose(np.asarray(out)[np.asarray(out[:, 0] != 0)], 2.0)
 
 
+def test_drop_path_stays_on_each_device():
+    # A gather across shards would be partitioned as "every device gathers every
+    # subset" (an all-reduce of the picked rows) and run the block replicated:
+    # correct values, no data parallelism. The compiled program must have no collective.
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    rows = jax.NamedSharding(mesh, jax.P("data"))
+    w = jnp.ones((4, 4))
+    step = jax.jit(lambda x, k: drop_add_residual(x, lambda y: jnp.tanh(y @ w), k, rate=0.25),
+                   in_shardings=(rows, None), out_shardings=rows)
+    x = jax.ShapeDtypeStruct((32, 3, 4), jnp.float32, sharding=rows)
+    with jax.set_mesh(mesh):
+        hlo = step.lower(x, jax.random.key(0)).compile().as_text()
+        grad_hlo = jax.jit(jax.grad(lambda x, k: step(x, k).sum())).lower(x, jax.random.key(0)).compile().as_text()
+    for text in (hlo, grad_hlo):
+        for collective in ("all-reduce", "all-gather", "all-to-all", "collective-permute"):
+            assert collective not in text, collective
+
+
 def test_model_drop_path_deterministic_without_key():
     model = VisionTransformer(_tiny(drop_path_rate=0.5), rngs=nnx.Rngs(0))
     images = jax.random.normal(jax.random.key(0), (4, 16, 16, 1))

@@ -24,6 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from dinocell_jax import parallel
+
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -257,16 +259,6 @@ def fused_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, implementation:
 # Drop path (DINOv2 batch-subset stochastic depth).
 # ----------------------------------------------------------------------------
 
-def _batch_groups(batch: int) -> int:
-    """Independent drop-path groups: one per device of the active mesh, as DINOv2 draws per GPU.
-
-    Drawing the subset inside contiguous per-device slices keeps the gather local to each shard.
-    """
-    mesh = jax.sharding.get_abstract_mesh()
-    n = 1 if mesh.empty else mesh.size
-    return n if batch % n == 0 else 1
-
-
 def drop_add_residual(x: jax.Array, residual_fn, key: jax.Array | None, rate: float) -> jax.Array:
     """`x + residual_fn(x)` with DINOv2's batch-subset stochastic depth.
 
@@ -278,17 +270,26 @@ def drop_add_residual(x: jax.Array, residual_fn, key: jax.Array | None, rate: fl
     if key is None or rate == 0.0:
         return x + residual_fn(x).astype(x.dtype)
     batch = x.shape[0]
-    groups = _batch_groups(batch)
+    # One group per device, as DINOv2 draws per GPU (the batch is split over the whole mesh).
+    devices = parallel.active_devices()
+    groups = 1 if batch % devices else devices
     per_group = batch // groups
     subset = max(int(per_group * (1 - rate)), 1)
     keys = jax.random.split(key, groups)
     idx = jax.vmap(lambda k: jnp.sort(jax.random.permutation(k, per_group)[:subset]))(keys)  # [G, subset]
-    idx = (idx + per_group * jnp.arange(groups)[:, None]).reshape(-1)
-    # Sorted, distinct rows: XLA can gather and scatter (and their transposes in the
-    # backward pass) without atomics.
+    # Sorted, distinct rows: the gather, the scatter and their transposes need no atomics.
     hints = dict(indices_are_sorted=True, unique_indices=True)
-    residual = residual_fn(jnp.take(x, idx, axis=0, **hints)).astype(x.dtype) * (per_group / subset)
-    return x.at[idx].add(residual, **hints)
+
+    def take(rows, i):
+        return jnp.take(rows, i[0], axis=0, **hints)
+
+    def add(rows, i, residual):
+        return rows.at[i[0]].add(residual, **hints)
+
+    if groups > 1:  # each device gathers and scatters its own rows (see parallel.per_device)
+        take, add = parallel.per_device(take), parallel.per_device(add)
+    residual = residual_fn(take(x, idx)).astype(x.dtype) * (per_group / subset)
+    return add(x, idx, residual)
 
 
 # ----------------------------------------------------------------------------

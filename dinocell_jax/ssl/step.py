@@ -181,8 +181,17 @@ def _gather_masked_by_group(tokens, masks, group: int, upper: int):
     """
     rows, n, d = tokens.shape
     n_groups = rows // (2 * group)
-    gather = jax.vmap(lambda t, m: masking.gather_masked(t, m, upper)[:3])
-    buffer, weights, valid = gather(tokens.reshape(n_groups, 2 * group, n, d), masks.reshape(n_groups, 2 * group, n))
+
+    def gather(t, m):
+        return masking.gather_masked(t, m, upper)[:3]
+
+    if n_groups == 1:
+        return gather(tokens, masks)
+    if n_groups == parallel.active_devices():  # a group per device: gather on each device
+        return parallel.per_device(gather)(tokens, masks)
+    # Groups spanning devices (a fixed `loss.koleo_group_size`, as in the layout tests).
+    buffer, weights, valid = jax.vmap(gather)(tokens.reshape(n_groups, 2 * group, n, d),
+                                              masks.reshape(n_groups, 2 * group, n))
     return buffer.reshape(n_groups * upper, d), weights.reshape(-1), valid.reshape(-1)
 
 
