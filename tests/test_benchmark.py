@@ -32,3 +32,23 @@ def test_benchmark_train_runs_the_real_trainer_at_toy_size(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["batch"] == 32 and result["off_windows"] == 1
     assert result["off_images_per_s"] > 0 and 0.0 <= result["off_input_wait_share"] < 1.0
+
+
+def test_head_geometry_reports_the_heads_spread():
+    import importlib.util
+    import math
+
+    spec = importlib.util.spec_from_file_location("head_geometry", os.path.join(REPO, "scripts", "head_geometry.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    rows = module.main(["--config", os.path.join(REPO, "configs", "demo.py"), "--steps", "2", "--every", "1",
+                        "--config.train.batch_size=8"])
+    assert [r["step"] for r in rows] == [0, 1, 2]
+    for row in rows:
+        for key in ("cls_spread", "z_spread", "logit_spread_fields", "logit_spread_prototypes",
+                    "cross_entropy", "target_entropy"):
+            assert math.isfinite(row[key]) and row[key] >= 0, (key, row)
+        # Gibbs: a cross-entropy is never below the targets' own entropy, which is at most ln K.
+        assert row["target_entropy"] <= row["ln_k"] + 1e-3
+        assert row["cross_entropy"] >= row["target_entropy"] - 1e-3
+    assert "loss/dino" in rows[1] and math.isfinite(rows[1]["loss/dino"])
