@@ -16,6 +16,7 @@ import ml_collections
 
 CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")  # canonical order of the 5 fluorescent stains
 STRATEGIES = ("multiview", "average", "stacked")
+INPUT_NORMS = ("fixed", "instance")
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_custom")
 
 
@@ -123,6 +124,12 @@ def base_config() -> ml_collections.ConfigDict:
     d.normalization = "percentile"  # percentile | minmax
     d.percentile_low = 0.1
     d.percentile_high = 99.9
+    # Network inputs from the [0, 1] intensities: "fixed" (x - 0.5) / 0.25 for every
+    # image (DINOCell; keeps absolute brightness), or "instance": each crop's channels
+    # standardised to zero mean, unit spread (OpenPhenom, Cell-DINO). Mostly-background
+    # fields look alike to a fresh network under "fixed" (see docs/BENCHMARKS.md);
+    # "instance" drops brightness, so brightness/contrast jitter only acts via clipping.
+    d.input_norm = "fixed"
     d.downscale = 1  # integer downscale of fields on the host
     d.field_size = 256  # synthetic: square field side; real data: fields are cropped/padded to it
     d.num_fields = 4096  # synthetic: fields per epoch of the generator
@@ -256,6 +263,8 @@ def validate(config, n_devices: int) -> None:
             _fail(f"crops.{key}", f"{c[key]} must satisfy 0 < min <= max <= 1")
     if d.strategy not in STRATEGIES:
         _fail("data.strategy", f"{d.strategy!r} is not one of {STRATEGIES}")
+    if d.input_norm not in INPUT_NORMS:
+        _fail("data.input_norm", f"{d.input_norm!r} is not one of {INPUT_NORMS}")
     if config.loss.centering not in ("sinkhorn_knopp", "centering"):
         _fail("loss.centering", f"{config.loss.centering!r} is not 'sinkhorn_knopp' or 'centering'")
     if config.train.batch_size <= 0 or config.train.batch_size % n_devices:

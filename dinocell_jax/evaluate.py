@@ -261,7 +261,7 @@ def make_embed_fn(config, models) -> Callable:
 
     def embed(params, field, norm_low, norm_high):
         backbone = nnx.merge(models.backbone, params["backbone"])
-        views = augment.probe_views(field, norm_low, norm_high, size)
+        views = augment.probe_views(field, norm_low, norm_high, size, input_norm=config.data.input_norm)
         channels = views["channels"]  # [B, C, S, S, 1]
         b, c = channels.shape[:2]
         if stacked:

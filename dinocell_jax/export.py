@@ -10,7 +10,8 @@ checkpoint, or of `--step N`, in DINOv2 key names (`--flavor dinov3` for DINOv3'
 `checkpoints/` or one step directory (a downloaded wandb `model` artifact): the
 config comes from `<workdir>/config.json`, `--config`, or the checkpoint itself.
 The safetensors header carries the architecture (patch size, width, depth,
-heads, registers, position embedding, input channels) and the step.
+heads, registers, position embedding, input channels), the input normalisation
+(`data.input_norm`) and the step.
 """
 
 from __future__ import annotations
@@ -139,7 +140,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     vit_cfg = vit_config_from(config.model, input_channels(config))
     params = getattr(state, which)["backbone"]
     state_dict = export_backbone(params, vit_cfg, out, fmt=fmt, flavor=flavor,
-                                 metadata={"step": str(done), "which": which, "source": os.path.abspath(workdir)})
+                                 metadata={"step": str(done), "which": which, "source": os.path.abspath(workdir),
+                                           # how inputs must be prepared (augment.standardize)
+                                           "input_norm": str(config.data.input_norm)})
     n_params = sum(int(np.prod(v.shape)) for v in state_dict.values())
     print(f"wrote {out}: {which} backbone of step {done}, {len(state_dict)} tensors, "
           f"{n_params / 1e6:.2f}M values, {flavor} keys ({fmt})")

@@ -303,3 +303,31 @@ def test_sharded_batch_gives_the_same_views_as_one_device():
         np.testing.assert_array_equal(np.asarray(sharded[name]), np.asarray(single[name]))
     for name in ("global_crops", "local_crops"):
         np.testing.assert_allclose(np.asarray(sharded[name]), np.asarray(single[name]), atol=1e-5)
+
+
+def test_instance_inputs_are_standardised_per_crop_and_channel():
+    fields, low, high = _synthetic_batch(4)
+    aug = dataclasses.replace(STACKED_PLAIN, input_norm="instance")
+    out = views(jax.random.key(0), fields, low, high, aug)
+    for crops in (out["global_crops"], out["local_crops"]):
+        crops = np.asarray(crops)  # [n, B, S, S, C]
+        np.testing.assert_allclose(crops.mean(axis=(2, 3)), 0.0, atol=1e-4)
+        spread = crops.std(axis=(2, 3))
+        assert np.all(spread <= 1.0 + 1e-4) and np.median(spread) > 0.9  # 1 unless a crop is near flat
+    # The same image at another brightness and offset gives the same inputs.
+    x = jax.random.uniform(jax.random.key(1), (2, 8, 8, 3))
+    np.testing.assert_allclose(augment.standardize(0.5 * x + 0.2, "instance"),
+                               augment.standardize(x, "instance"), atol=0.02)
+    # A blank crop stays blank instead of amplifying nothing to unit variance.
+    np.testing.assert_array_equal(augment.standardize(jnp.full((8, 8, 1), 0.3), "instance"), 0.0)
+    probe = augment.probe_views(fields, low, high, 16, input_norm="instance")
+    np.testing.assert_allclose(np.asarray(probe["channels"]).mean(axis=(2, 3)), 0.0, atol=1e-4)
+    with pytest.raises(ValueError, match="input_norm"):
+        AugmentConfig(input_norm="batch")
+
+
+def test_input_norm_is_validated():
+    config = config_lib.base_config()
+    config.data.input_norm = "batch"
+    with pytest.raises(config_lib.ConfigError, match="config.data.input_norm"):
+        config_lib.validate(config, 1)

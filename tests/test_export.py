@@ -48,6 +48,7 @@ def test_exported_teacher_in_dinov2_vit_gives_our_features(tmp_path):
     with safe_open(out, "np") as f:
         header = f.metadata()
     assert header["step"] == "12" and header["which"] == "teacher" and header["patch_size"] == "4"
+    assert header["input_norm"] == "fixed"
 
     x = np.random.default_rng(1).normal(size=(3, 16, 16, 1)).astype(np.float32)
     with torch.no_grad():

@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from dinocell_jax.config import STRATEGIES
+from dinocell_jax.config import INPUT_NORMS, STRATEGIES
 from dinocell_jax.data.normalize import normalize_fields
 
 MEAN_CHANNEL = -1
@@ -40,6 +40,9 @@ ALL_CHANNELS = -2
 # so imported weights and fresh ones see inputs of the size they were made for.
 INPUT_MEAN = 0.5
 INPUT_STD = 0.25
+# "instance" inputs: a crop's spread is floored at 0.02 of the intensity range, so a
+# blank crop stays ~0 instead of turning its noise into unit-variance texture.
+INSTANCE_EPS = 0.02 ** 2
 BLUR_RADIUS = 4  # DINOv2: torchvision GaussianBlur(kernel_size=9)
 _ATTEMPTS = 10  # torchvision RandomResizedCrop tries 10 boxes before its fallback
 
@@ -68,6 +71,7 @@ class AugmentConfig:
     solarize_p: float = 0.2  # global crop 2 only
     strategy: str = "multiview"
     local_mean_p: float = 0.3
+    input_norm: str = "fixed"
 
     def __post_init__(self):
         # ml_collections hands over lists; tuples keep the dataclass hashable.
@@ -75,6 +79,8 @@ class AugmentConfig:
             object.__setattr__(self, name, tuple(float(v) for v in getattr(self, name)))
         if self.strategy not in STRATEGIES:
             raise ValueError(f"AugmentConfig.strategy: {self.strategy!r} is not one of {STRATEGIES}")
+        if self.input_norm not in INPUT_NORMS:
+            raise ValueError(f"AugmentConfig.input_norm: {self.input_norm!r} is not one of {INPUT_NORMS}")
         for name in ("global_scale", "local_scale"):
             lo, hi = getattr(self, name)
             if not 0 < lo <= hi <= 1:
@@ -109,16 +115,27 @@ class AugmentConfig:
             solarize_p=float(c.solarize_p),
             strategy=str(config.data.strategy),
             local_mean_p=float(config.data.local_mean_p),
+            input_norm=str(config.data.input_norm),
         )
 
 
-def standardize(x):
-    """[0, 1] intensities -> network inputs (see INPUT_MEAN / INPUT_STD)."""
-    return (x - INPUT_MEAN) / INPUT_STD
+def standardize(x, input_norm: str = "fixed"):
+    """[0, 1] intensities `[..., S, S, K]` -> network inputs (`data.input_norm`).
+
+    "fixed": (x - INPUT_MEAN) / INPUT_STD. "instance": each image's channels to zero
+    mean and unit spread over the two spatial axes (spread floored, see INSTANCE_EPS).
+    """
+    if input_norm == "fixed":
+        return (x - INPUT_MEAN) / INPUT_STD
+    if input_norm == "instance":
+        mean = jnp.mean(x, axis=(-3, -2), keepdims=True)
+        var = jnp.var(x, axis=(-3, -2), keepdims=True)
+        return (x - mean) * lax.rsqrt(var + INSTANCE_EPS)
+    raise ValueError(f"standardize: input_norm {input_norm!r} is not one of {INPUT_NORMS}")
 
 
 def unstandardize(x):
-    """Network inputs -> [0, 1] intensities, for pictures."""
+    """Network inputs -> [0, 1] intensities, for pictures ("fixed" inputs)."""
     return x * INPUT_STD + INPUT_MEAN
 
 
@@ -259,7 +276,7 @@ def _augment_crop(u, x, blur_p, solarize_p, aug: AugmentConfig):
     x = _gaussian_blur(x, jnp.where(u[4] < blur_p, sigma, 1e-3))
 
     x = jnp.where((u[6] < solarize_p) & (x >= 0.5), 1.0 - x, x)
-    return standardize(x).astype(jnp.float32)
+    return standardize(x, aug.input_norm).astype(jnp.float32)
 
 
 def _check_batch(fields, norm_low, norm_high, who: str):
@@ -347,14 +364,15 @@ def make_views(key, fields, norm_low, norm_high, aug: AugmentConfig, strategy: s
     }
 
 
-def probe_views(fields, norm_low, norm_high, size: int, *, standardized: bool = True) -> dict:
+def probe_views(fields, norm_low, norm_high, size: int, *, standardized: bool = True,
+                input_norm: str = "fixed") -> dict:
     """Deterministic views of probe fields for pictures and evaluation.
 
     The largest centred square of each field (origin rounded down), resized to [size, size] (antialiased
     bilinear, as the training crops). fields uint16 [P, C, H, W]; norm_low/high [P, C].
     Returns float32 `mean` [P, size, size, 1] (channel mean, as global crop 1 of
     multiview) and `channels` [P, C, size, size, 1] (each stain alone), standardised
-    like the training crops (set standardized=False for [0, 1] intensities).
+    like the training crops with `input_norm` (standardized=False: [0, 1] intensities).
     """
     fields = jnp.asarray(fields)
     norm_low = jnp.asarray(norm_low, jnp.float32)
@@ -371,5 +389,5 @@ def probe_views(fields, norm_low, norm_high, size: int, *, standardized: bool = 
     stacked = _crops(fields, None, norm_low, norm_high, src, boxes, mode="stacked", size=size, window=window)[0]
     channels = jnp.moveaxis(stacked, -1, 1)[..., None]
     if standardized:
-        mean_view, channels = standardize(mean_view), standardize(channels)
+        mean_view, channels = standardize(mean_view, input_norm), standardize(channels, input_norm)
     return {"mean": mean_view.astype(jnp.float32), "channels": channels.astype(jnp.float32)}

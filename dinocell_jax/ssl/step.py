@@ -380,7 +380,8 @@ def make_metrics_fn(config, models: Models):
 
     def metrics_fn(params: Params, probe: dict) -> dict:
         backbone = nnx.merge(models.backbone, params["backbone"])
-        views = augment.probe_views(probe["field"], probe["norm_low"], probe["norm_high"], size)
+        views = augment.probe_views(probe["field"], probe["norm_low"], probe["norm_high"], size,
+                                    input_norm=config.data.input_norm)
         mean_view = views["mean"]  # [P,S,S,1]
         channels = views["channels"]  # [P,C,S,S,1]
         p, c = channels.shape[:2]
