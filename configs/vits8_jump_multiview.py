@@ -13,6 +13,8 @@ Presets (`file.py:key=val,...`):
     patch=16        ViT-S/16 (configs/vits16_jump_multiview.py)
     strategy=average  every crop from the channel mean (configs/vits8_jump_average.py)
     lr=1e-4         base LR before the sqrt_wrt_1024 scaling (DINOCell 2e-4 = 5e-5 x 4)
+    input_norm=instance  each crop's channels standardised (OpenPhenom, Cell-DINO) instead of
+                    DINOCell's fixed (x - 0.5) / 0.25; tagged "instance-norm"
 e.g. 8 GPUs, patch 16: `--config configs/vits8_jump_multiview.py:gpus=8,patch=16`.
 
 `data.source` is a LoadData CSV/parquet of CPJUMP1 (cellpainting-gallery
@@ -24,11 +26,12 @@ path below is a placeholder and must exist. Shorten any run with
 
 from dinocell_jax import config as config_lib
 
-PRESETS = {"gpus": 1, "patch": 8, "strategy": "multiview", "lr": 2e-4}
+PRESETS = {"gpus": 1, "patch": 8, "strategy": "multiview", "lr": 2e-4, "input_norm": "fixed"}
 _ARCH_TAG = {"vit_small": "vit-small", "vit_base": "vit-base", "vit_tiny": "vit-tiny"}
 
 
-def build(gpus: int = 1, patch: int = 8, strategy: str = "multiview", lr: float = 2e-4):
+def build(gpus: int = 1, patch: int = 8, strategy: str = "multiview", lr: float = 2e-4,
+          input_norm: str = "fixed"):
     """The DINOCell recipe with the preset values applied."""
     if gpus < 1:
         raise config_lib.ConfigError(f"preset 'gpus': {gpus} must be >= 1")
@@ -97,6 +100,7 @@ def build(gpus: int = 1, patch: int = 8, strategy: str = "multiview", lr: float 
     d.brightfield = ""  # planes 6-8 dropped, as others pretraining on JUMP do
     d.normalization = "percentile"  # full 16-bit range, per image, then clip to [0, 1]
     d.percentile_low, d.percentile_high = 0.1, 99.9
+    d.input_norm = input_norm  # DINOCell: fixed (x - 0.5) / 0.25 of the [0, 1] intensities
     d.field_size = 1080  # CPJUMP1 fields are 1080x1080 16-bit (Phenix binning 2)
     d.downscale = 1
     d.holdout, d.holdout_by = 0.1, "plate"  # validation loss and probes on unseen plates
@@ -110,7 +114,8 @@ def build(gpus: int = 1, patch: int = 8, strategy: str = "multiview", lr: float 
     # tags as the guide's example. They follow the presets, not raw --config.model.*
     # overrides: change patch and strategy through the presets.
     w.group = "jump-vits-pretraining"
-    w.tags = (_ARCH_TAG[m.arch], f"patch-{patch}", strategy, "jump")
+    w.tags = (_ARCH_TAG[m.arch], f"patch-{patch}", strategy, "jump") + (
+        ("instance-norm",) if input_norm == "instance" else ())
     w.log_interval = 100  # guide
     w.attention_log_interval = 1000  # guide
     w.pca_log_interval = 5000  # guide

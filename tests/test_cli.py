@@ -122,6 +122,9 @@ def test_presets_apply():
     assert config.train.batch_size == 640 and config.optim.lr == 1e-4
     assert {"patch-16", "average"} <= set(config.wandb.tags)
     assert config_lib.peak_lr(config) == pytest.approx(1e-4 * math.sqrt(640 / 1024))
+    config, _ = cli.parse_config(["--config", f"{JUMP}:input_norm=instance"])
+    assert config.data.input_norm == "instance" and "instance-norm" in config.wandb.tags
+    assert cli.load_config(JUMP).data.input_norm == "fixed"
 
 
 def test_derived_configs_differ_from_the_recipe_only_where_named():
