@@ -38,6 +38,7 @@ TINY = [
     "--config.wandb.log_interval=1", "--config.wandb.log_attention_maps=false",
     "--config.wandb.log_feature_pca=false", "--config.wandb.histogram_interval=0", "--config.eval.interval=0",
     "--config.optim.epochs=4", "--config.optim.warmup_epochs=1", "--config.loss.warmup_teacher_temp_epochs=1",
+    "--config.optim.freeze_last_layer_epochs=1",
     f"--config.train.steps={STEPS}", "--config.checkpoint.interval=2", "--config.checkpoint.keep=2",
 ]
 
