@@ -4,7 +4,7 @@ A 4-block, 64-wide ViT with patch 8 on 32 px global and 16 px local crops of
 64 px synthetic 5-channel fields; 1024 prototypes; the full DINO + iBOT + KoLeo
 step, EMA teacher, multi-view channels, schedules, and every W&B panel of the
 guide (offline: `wandb sync runs/<name>/wandb/offline-run-*` uploads it later).
-About 5 minutes on 2 CPU cores; the losses fall visibly (loss/dino from ~7.3 to
+About 1.5 minutes of training on 2 CPU cores (plus installs); the losses fall visibly (loss/dino from ~7.3 to
 ~6.8, loss/iBOT from ~3.6 to ~3.2 over the 400 steps). Where it departs from
 DINOCell to get there at this scale (each commented below): per-crop input
 standardisation, no LayerScale, unit-norm prototypes, a 0.02 teacher and
