@@ -56,7 +56,6 @@ class Models:
     ibot_head: Any  # the DINO head's graphdef when the heads are shared
     vit: vit_lib.ViTConfig
     separate_ibot_head: bool
-    n_global_patches: int
 
     def merge(self, params: Params):
         backbone = nnx.merge(self.backbone, params["backbone"])
@@ -92,13 +91,11 @@ def _build(config, key: jax.Array) -> tuple[nnx.GraphDef, Params]:
 def make_models(config) -> Models:
     graphdefs, _ = jax.eval_shape(lambda k: _build(config, k), jax.random.key(0))
     vit_cfg = vit_lib.vit_config_from(config.model, input_channels(config))
-    grid = config.crops.global_size // config.model.patch_size
-    n_patches = grid * grid
     separate = bool(config.heads.separate_ibot_head)
     return Models(
         backbone=graphdefs["backbone"], dino_head=graphdefs["dino_head"],
         ibot_head=graphdefs["ibot_head"] if separate else graphdefs["dino_head"],
-        vit=vit_cfg, separate_ibot_head=separate, n_global_patches=n_patches,
+        vit=vit_cfg, separate_ibot_head=separate,
     )
 
 
@@ -185,9 +182,7 @@ def _gather_masked_by_group(tokens, masks, group: int, upper: int):
     def gather(t, m):
         return masking.gather_masked(t, m, upper)[:3]
 
-    if n_groups == 1:
-        return gather(tokens, masks)
-    if n_groups == parallel.active_devices():  # a group per device: gather on each device
+    if n_groups == parallel.active_devices():  # a group per device (or one, on one): gather on each
         return parallel.per_device(gather)(tokens, masks)
     # Groups spanning devices (a fixed `loss.koleo_group_size`, as in the layout tests).
     buffer, weights, valid = jax.vmap(gather)(tokens.reshape(n_groups, 2 * group, n, d),
