@@ -129,3 +129,18 @@ def test_masked_tokens_gathered_on_each_device():
     assert got[0].sharding.spec[0] is not None  # the buffer stays split over the devices
     for collective in ("all-reduce", "all-gather", "all-to-all", "collective-permute"):
         assert collective not in hlo, collective
+
+
+def test_group_rows_keep_each_group_together_and_invert():
+    """Rows are DINOv2's per-GPU collate: group by group, crop-major inside a group;
+    one group is the plain crop-major flatten (the layout XLA keeps row-major on GPU)."""
+    crops, batch, groups = 3, 8, 4
+    x = np.arange(crops * batch).reshape(crops, batch, 1)  # value = crop * batch + sample
+    rows = np.asarray(step_lib.to_group_rows(x, groups))[:, 0]
+    per_group = batch // groups
+    for g in range(groups):
+        block = rows[g * crops * per_group:(g + 1) * crops * per_group].reshape(crops, per_group)
+        np.testing.assert_array_equal(block % batch, np.tile(np.arange(g * per_group, (g + 1) * per_group), (crops, 1)))
+        np.testing.assert_array_equal(block // batch, np.repeat(np.arange(crops)[:, None], per_group, 1))
+    np.testing.assert_array_equal(step_lib.from_group_rows(step_lib.to_group_rows(x, groups), crops, groups), x)
+    np.testing.assert_array_equal(step_lib.to_group_rows(x, 1), x.reshape(crops * batch, 1))

@@ -170,7 +170,8 @@ def mask_upperbound(config, group: int) -> int:
 
 def _gather_masked_by_group(tokens, masks, group: int, upper: int):
     """`masking.gather_masked` within each device group: tokens [R, N, D] and masks
-    [R, N] in sample-major rows (R = 2 x batch) -> buffer [G*U, D], weights, valid [G*U].
+    [R, N] in group rows (`to_group_rows`, R = 2 x batch) -> buffer [G*U, D], weights,
+    valid [G*U].
 
     Each group's buffer holds only its own samples' masked tokens, so the iBOT head and
     loss stay sharded with the batch (one global buffer would gather every device's
@@ -190,6 +191,30 @@ def _gather_masked_by_group(tokens, masks, group: int, upper: int):
     return buffer.reshape(n_groups * upper, d), weights.reshape(-1), valid.reshape(-1)
 
 
+def to_group_rows(x: jax.Array, groups: int) -> jax.Array:
+    """Crops `[n, B, ...]` -> rows `[n * B, ...]` in DINOv2's per-GPU collate order: the
+    batch's `groups` device groups one after another, each group's crops crop-major
+    (crop 0 of its samples, then crop 1, ...).
+
+    Each device's rows stay contiguous, so the sharded batch axis stays the leading
+    one (a plain crop-major flatten of [n, B] interleaves the devices' shards), and on
+    one device (one group) it is the plain crop-major flatten. Sample-major rows (image
+    b's crops next to each other) made XLA lay the GPU residual stream out batch-minor,
+    drop path's scatters strided: one H100 ran at 174 instead of 300 images/s
+    (docs/BENCHMARKS.md).
+    """
+    n, b = x.shape[:2]
+    x = x.reshape((n, groups, b // groups) + x.shape[2:])
+    return jnp.swapaxes(x, 0, 1).reshape((n * b,) + x.shape[3:])
+
+
+def from_group_rows(x: jax.Array, n: int, groups: int) -> jax.Array:
+    """The inverse of `to_group_rows`: rows `[n * B, ...]` -> `[n, B, ...]`."""
+    b = x.shape[0] // n
+    x = x.reshape((groups, n, b // groups) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1).reshape((n, b) + x.shape[3:])
+
+
 def ssl_loss(params, teacher, center, views, masks, temps, models: Models, config, drop_key, group):
     """The SSLMetaArch objective. Returns (total, (metrics, new_center)).
 
@@ -197,9 +222,8 @@ def ssl_loss(params, teacher, center, views, masks, temps, models: Models, confi
     group: samples per device group (`device_group_size`). drop_key None turns drop
     path off.
 
-    The networks see the crops in sample-major rows (image b's crops next to each
-    other), so the sharded batch axis stays the leading one and each device keeps its
-    own rows; a crop-major flatten of [crops, B] would interleave the devices' shards.
+    The networks see the crops in group rows (`to_group_rows`): each device's
+    samples' crops together, so each device keeps its own rows.
     """
     backbone_t, dino_t, ibot_t = models.merge(jax.lax.stop_gradient(teacher))
     backbone_s, dino_s, ibot_s = models.merge(params)
@@ -207,18 +231,16 @@ def ssl_loss(params, teacher, center, views, masks, temps, models: Models, confi
     g = views["global_crops"]
     n_global, b = g.shape[0], g.shape[1]
     n_local = views["local_crops"].shape[0]
-    globals_flat = jnp.swapaxes(g, 0, 1).reshape((b * n_global,) + g.shape[2:])
-    masks_flat = masks.reshape(b * n_global, -1)  # [B, 2, N] is sample-major already
+    groups = b // group
+    globals_flat = to_group_rows(g, groups)
+    masks_flat = to_group_rows(jnp.swapaxes(masks, 0, 1), groups)  # [B, 2, N] -> as globals_flat
     upper = mask_upperbound(config, group)
-
-    def crop_major(x, n_crops):  # sample-major rows [B*n, ...] -> [n, B, ...]
-        return jnp.swapaxes(x.reshape((b, n_crops) + x.shape[1:]), 0, 1)
 
     # ---- teacher: the two global crops, unmasked
     out_t = backbone_t(globals_flat)
     t_cls = out_t["x_norm_clstoken"]
     # Swap each image's two crops so student crop A is matched with teacher crop B (DINOv2).
-    t_cls = t_cls.reshape(b, n_global, -1)[:, ::-1].reshape(b * n_global, -1)
+    t_cls = to_group_rows(from_group_rows(t_cls, n_global, groups)[::-1], groups)
     t_patch, _, t_valid = _gather_masked_by_group(out_t["x_norm_patchtokens"], masks_flat, group, upper)
     t_dino_logits = dino_t(t_cls).astype(jnp.float32)
     # The iBOT logits stay in the head's dtype: [M, K] with K = 65536, the targets
@@ -234,10 +256,7 @@ def ssl_loss(params, teacher, center, views, masks, temps, models: Models, confi
     # ---- student: masked global crops, then local crops
     k_global, k_local = (None, None) if drop_key is None else jax.random.split(drop_key)
     out_g = backbone_s(globals_flat, masks_flat, drop_path_key=k_global)
-    locals_ = views["local_crops"]
-    out_l = backbone_s(
-        jnp.swapaxes(locals_, 0, 1).reshape((b * n_local,) + locals_.shape[2:]), drop_path_key=k_local
-    )
+    out_l = backbone_s(to_group_rows(views["local_crops"], groups), drop_path_key=k_local)
     s_cls_g = out_g["x_norm_clstoken"]
     s_patch, weights, _ = _gather_masked_by_group(out_g["x_norm_patchtokens"], masks_flat, group, upper)
     s_dino_g = dino_s(s_cls_g).astype(jnp.float32)
@@ -246,16 +265,15 @@ def ssl_loss(params, teacher, center, views, masks, temps, models: Models, confi
 
     # ---- losses, with DINOv2's term counts: 2 cross-view global pairs, L x 2 local pairs
     n_terms = (n_global - 1) * n_global + n_local * n_global
-    k = t_dino.shape[-1]
     dino_local = losses.dino_cross_entropy(
-        crop_major(s_dino_l, n_local), crop_major(t_dino, n_global), lc.student_temp
+        from_group_rows(s_dino_l, n_local, groups), from_group_rows(t_dino, n_global, groups), lc.student_temp
     ) / n_terms
     dino_global = losses.dino_cross_entropy(
         s_dino_g[None], t_dino[None], lc.student_temp
     ) * n_global / n_terms
     dino = dino_local + dino_global
     ibot = losses.ibot_loss(s_ibot, t_ibot, weights, n_global * b, lc.student_temp)
-    cls32 = crop_major(s_cls_g.astype(jnp.float32), n_global).reshape(n_global, -1, group, s_cls_g.shape[-1])
+    cls32 = from_group_rows(s_cls_g.astype(jnp.float32), n_global, groups).reshape(n_global, groups, group, -1)
     koleo_per_crop = jax.vmap(jax.vmap(losses.koleo_loss))(cls32).mean(axis=1)  # [2]
     koleo = lc.koleo_weight * jnp.sum(koleo_per_crop)
     total = lc.dino_weight * dino + lc.ibot_weight * ibot + koleo
