@@ -321,9 +321,14 @@ class Linear(nnx.Module):
         return y
 
 
-def _layer_norm(dim: int, eps: float, rngs: nnx.Rngs) -> nnx.LayerNorm:
+def _layer_norm(dim: int, eps: float, rngs: nnx.Rngs, dtype=None) -> nnx.LayerNorm:
+    """Statistics and normalisation in fp32; the result in `dtype` (None: fp32).
+
+    The blocks' norms feed bf16 matmuls only, so they hand over bf16 directly (the same
+    values the matmul's cast would give, without a separate fp32 pass over the tokens).
+    """
     # Two-pass variance as torch: the fast E[x^2]-E[x]^2 form loses digits on the residual stream.
-    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, rngs=rngs)
+    return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=False, dtype=dtype, rngs=rngs)
 
 
 class PatchProjection(nnx.Module):
@@ -409,10 +414,10 @@ class Attention(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-        self.norm1 = _layer_norm(cfg.embed_dim, cfg.ln_eps, rngs)
+        self.norm1 = _layer_norm(cfg.embed_dim, cfg.ln_eps, rngs, cfg.compute_dtype)
         self.attn = Attention(cfg, rngs=rngs)
         self.ls1 = LayerScale(cfg.embed_dim, cfg.layerscale_init) if cfg.layerscale_init else None
-        self.norm2 = _layer_norm(cfg.embed_dim, cfg.ln_eps, rngs)
+        self.norm2 = _layer_norm(cfg.embed_dim, cfg.ln_eps, rngs, cfg.compute_dtype)
         self.mlp = Mlp(cfg, rngs=rngs)
         self.ls2 = LayerScale(cfg.embed_dim, cfg.layerscale_init) if cfg.layerscale_init else None
         self.drop_path_rate = cfg.drop_path_rate
