@@ -10,7 +10,9 @@ started from on the same fields (dinocell_jax.evaluate):
 - channel consistency (target > 0.85, the guide's), which a random network
   already passes (every embedding shares a mean direction), hence also
 - cross-channel retrieval top-1 (chance 1 / number of fields) and the centred
-  cosine, which it does not.
+  cosine, which it does not;
+- whether the DINO objective collapsed (`dino_loss_over_ln_k`: the last loss/dino
+  over ln K; a collapsed CLS, the same for every field, passes consistency too).
 
 About 10 minutes on 2 CPU cores at the default budget. Ends with one JSON line:
 
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shutil
 import sys
@@ -35,6 +38,11 @@ import time
 DEFAULT_STEPS = 3000  # ~0.2 s per step at batch 32 on 2 cores: ~10 minutes with compile and probes
 KNN_GAIN_TARGET = 0.25  # issue 7: k-NN at least 25 points above random init
 CONSISTENCY_TARGET = 0.85  # the guide's channel-consistency target
+# loss/dino at ln K (K = heads.out_dim) is a student whose DINO head outputs the uniform
+# distribution whatever the field: the CLS objective has collapsed and only iBOT and
+# KoLeo train the backbone. Runs whose head learned ended at 0.93-0.95 ln K, collapsed
+# ones at 0.98-1.0 (docs/BENCHMARKS.md); 0.95 is the line between them.
+DINO_COLLAPSE_RATIO = 0.95
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 
 
@@ -82,6 +90,23 @@ def _summary(prefix: str, metrics: dict) -> dict:
     return {f"{name}_{prefix}": metrics[key] for name, key in keys.items() if key in metrics}
 
 
+def _dino_health(workdir: str, out_dim: int) -> dict:
+    """The DINO objective at the end of training, from the run's `metrics.jsonl`:
+    `dino_loss_over_ln_k` (the last logged loss/dino over ln K; 1 = uniform student) and
+    `dino_head_grad_norm` (near 0 once collapsed)."""
+    last = None
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        for line in f:
+            record = json.loads(line)
+            if "loss/dino" in record:
+                last = record
+    if last is None:
+        raise SystemExit(f"error: {workdir}/metrics.jsonl has no loss/dino: raise the run's steps "
+                         "above --config.wandb.log_interval")
+    return {"dino_loss_over_ln_k": round(last["loss/dino"] / math.log(out_dim), 4),
+            "dino_head_grad_norm": last.get("gradients/dino_head_norm")}
+
+
 def run(argv: list[str]) -> dict:
     """Trains, evaluates both networks, returns the report (see the module docstring)."""
     from dinocell_jax import cli, evaluate, train
@@ -110,10 +135,14 @@ def run(argv: list[str]) -> dict:
                   "train_seconds": round(train_seconds, 1),
                   "eval_fields": int(trained_metrics.get("eval/n_query", 0))}
         report |= _summary("random", random_metrics) | _summary("trained", trained_metrics)
+        report |= _dino_health(workdir, int(config.heads.out_dim))
         report["targets"] = {
             "knn_gain": report["knn_trained"] - report["knn_random"] >= KNN_GAIN_TARGET,
             "consistency": report["consistency_trained"] > CONSISTENCY_TARGET,
             "retrieval": report["retrieval_trained"] > report["retrieval_random"],
+            # A collapsed CLS passes the consistency target on its own (every channel embeds
+            # alike because every field does): consistency only counts together with this.
+            "dino_not_collapsed": report["dino_loss_over_ln_k"] < DINO_COLLAPSE_RATIO,
         }
         return report
     finally:
