@@ -25,7 +25,7 @@ from dinocell_jax import config as config_lib
 from dinocell_jax.data import pipeline
 from dinocell_jax.data.sources import channel_list
 from dinocell_jax.monitor import logger as logger_lib
-from dinocell_jax.monitor.system import DataWaitTimer, system_metrics
+from dinocell_jax.monitor.system import LoopTimer, system_metrics
 from dinocell_jax.ssl import optim
 from dinocell_jax.ssl import step as step_lib
 from dinocell_jax.ssl.schedules import Schedules
@@ -73,9 +73,9 @@ class _Reporter:
     moves the progress bar.
     """
 
-    def __init__(self, config, logger, train_iter, progress, data_wait: DataWaitTimer):
+    def __init__(self, config, logger, train_iter, progress, timers: list[LoopTimer]):
         self.config, self.logger, self.train_iter, self.progress = config, logger, train_iter, progress
-        self.data_wait = data_wait
+        self.timers = timers
         self.accumulator = logger_lib.MetricAccumulator()
         self.health = logger_lib.GradientHealth(config.wandb.grad_norm_high, config.wandb.grad_norm_low)
         self.total_steps = config_lib.total_steps(config)
@@ -116,7 +116,8 @@ class _Reporter:
             scalars["training/iteration"] = done
             scalars["training/epoch"] = done / self.steps_per_epoch
             scalars |= {f"data/{k}": v for k, v in self.train_iter.stats().items()}  # since the start
-            scalars |= self.data_wait.pop()  # this interval: system/data_wait_s, system/data_wait_fraction
+            for timer in self.timers:  # this interval: system/data_wait_s, system/data_wait_fraction, ...
+                scalars |= timer.pop()
             scalars |= system_metrics(jax.local_devices())
             self.logger.log_metrics(scalars, done)
 
@@ -254,19 +255,21 @@ def main(argv: list[str] | None = None) -> int:
         meta = ckpt_lib.run_metadata(config, logger.wandb_run_id)
         checkpointer.save(step_done, state, train_iter.get_state(), meta, force=force)
 
-    data_wait = DataWaitTimer()
-    reporter = _Reporter(config, logger, train_iter, progress, data_wait)
+    # The loop's host work per step: waiting for the batch, then handing it to the devices.
+    data_wait, host_to_device = LoopTimer("data_wait"), LoopTimer("host_to_device")
+    reporter = _Reporter(config, logger, train_iter, progress, [data_wait, host_to_device])
     # ---- Loop
     pending = None  # (step, metrics, step_time) of the step in flight
     last = time.perf_counter()
     try:
         with jax.set_mesh(mesh):  # drop path draws its subset per device, as DINOv2 per GPU
             for step in range(start_step, total_steps):
-                with data_wait.waiting():
+                with data_wait.timing():
                     local = next(train_iter)
-                local = {k: local[k] for k in ("field", "norm_low", "norm_high")}
-                local["masks"] = step_lib.host_masks(config, step, mask_group)[local_rows]
-                batch = parallel.to_global_batch(local, mesh)
+                with host_to_device.timing():
+                    local = {k: local[k] for k in ("field", "norm_low", "norm_high")}
+                    local["masks"] = step_lib.host_masks(config, step, mask_group)[local_rows]
+                    batch = parallel.to_global_batch(local, mesh)
                 state, metrics = train_step(state, batch)
                 if pending is not None:
                     reporter.report(*pending)

@@ -14,7 +14,9 @@ workdir's metrics.jsonl:
 
 Throughput is train.batch_size / the mean step time over the logged windows
 after the first (which holds compilation). Input idle time is the share of the
-step the loop spent waiting for the next batch (`system/data_wait_fraction`).
+step the loop spent waiting for the next batch (`system/data_wait_fraction`), of
+which `collate_s_per_batch` went to stacking the fields in the trainer process;
+`host_to_device_share` is the share spent handing the batch to the devices.
 
     python scripts/benchmark_train.py --config configs/vits8_jump_multiview.py --steps 300 \
         --tiff 64 --config.train.batch_size=64      # 64 distinct 1080 px TIFF fields, re-read
@@ -61,9 +63,18 @@ def _read(workdir: str, batch: int) -> dict:
         raise SystemExit(f"error: {workdir}: fewer than 2 logged windows; raise --steps")
     steady = rows[1:]  # the first window holds compilation
     step = float(np.mean([r["training/step_time"] for r in steady]))
-    wait = float(np.mean([r.get("system/data_wait_fraction", 0.0) for r in steady]))
+
+    def share(key):
+        return round(float(np.mean([r.get(key, 0.0) for r in steady])), 4)
+
+    # The input wait split: fields from the workers vs stacking them in the trainer
+    # (cumulative counters, differenced over the steady windows).
+    batches = steady[-1]["training/iteration"] - rows[0]["training/iteration"]
+    collate = steady[-1].get("data/collate_s", 0.0) - rows[0].get("data/collate_s", 0.0)
     return {"images_per_s": round(batch / step, 1), "step_s": round(step, 5),
-            "input_wait_share": round(wait, 4), "windows": len(steady)}
+            "input_wait_share": share("system/data_wait_fraction"),
+            "collate_s_per_batch": round(collate / max(batches, 1), 5),
+            "host_to_device_share": share("system/host_to_device_fraction"), "windows": len(steady)}
 
 
 def main(argv=None) -> int:
@@ -115,9 +126,10 @@ def main(argv=None) -> int:
         extra = results["dense"]["step_s"] - results["off"]["step_s"]
         out["picture_cost_s"] = round(extra / dense_events, 4)
         out["pictures_overhead_at_guide"] = round(extra / dense_events * guide_events / results["off"]["step_s"], 5)
-    print(f"{'mode':8s} {'images/s':>9s} {'step':>9s} {'input wait':>10s}")
+    print(f"{'mode':8s} {'images/s':>9s} {'step':>9s} {'input wait':>10s} {'collate':>9s} {'to device':>10s}")
     for mode, r in results.items():
-        print(f"{mode:8s} {r['images_per_s']:9.1f} {r['step_s']:9.4f} {100 * r['input_wait_share']:9.2f}%")
+        print(f"{mode:8s} {r['images_per_s']:9.1f} {r['step_s']:9.4f} {100 * r['input_wait_share']:9.2f}% "
+              f"{r['collate_s_per_batch']:8.4f}s {100 * r['host_to_device_share']:9.2f}%")
     print(json.dumps(out), flush=True)
     return 0
 

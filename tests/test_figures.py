@@ -6,7 +6,7 @@ import pytest
 from dinocell_jax.config import CHANNELS
 from dinocell_jax.monitor import figures
 from dinocell_jax.monitor.consistency import channel_consistency
-from dinocell_jax.monitor.system import DataWaitTimer, system_metrics
+from dinocell_jax.monitor.system import LoopTimer, system_metrics
 
 LUMA = np.array([0.299, 0.587, 0.114])
 PATCH = 4
@@ -207,11 +207,11 @@ def test_system_metrics():
     assert gpu["system/gpu_memory_limit_gb"] == pytest.approx(80.0)
 
 
-def test_data_wait_timer():
+def test_loop_timer():
     now = [0.0]
-    timer = DataWaitTimer(clock=lambda: now[0])
+    timer = LoopTimer("data_wait", clock=lambda: now[0])
     for wait, compute in [(0.5, 1.5), (1.5, 0.5)]:
-        with timer.waiting():
+        with timer.timing():
             now[0] += wait
         now[0] += compute
     assert timer.pop() == {"system/data_wait_s": 1.0, "system/data_wait_fraction": 0.5}

@@ -226,6 +226,7 @@ class DataIterator:
         self._read = 0
         self._skipped = 0
         self._wait_s = 0.0
+        self._collate_s = 0.0
         self._last_error = ""
 
     def __iter__(self):
@@ -251,7 +252,10 @@ class DataIterator:
                 continue
             self._read += 1
             records.append(record)
-        return collate(records)
+        start = time.perf_counter()
+        batch = collate(records)
+        self._collate_s += time.perf_counter() - start
+        return batch
 
     def _check_failures(self, final: bool) -> None:
         total = self._read + self._skipped
@@ -288,11 +292,13 @@ class DataIterator:
             close()
 
     def stats(self) -> dict[str, float]:
-        """Counters since the start of the run (restored with the state); wait_s: time spent waiting for fields."""
+        """Counters since the start of the run (the field counts are restored with the state);
+        wait_s: time spent waiting for fields, collate_s: stacking them into batches."""
         return {
             "fields_read": self._read,
             "fields_skipped": self._skipped,
             "wait_s": self._wait_s,
+            "collate_s": self._collate_s,
         }
 
 

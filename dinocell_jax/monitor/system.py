@@ -94,34 +94,36 @@ def system_metrics(devices: Sequence[Any]) -> dict[str, float]:
     return out
 
 
-class DataWaitTimer:
-    """Time the training loop spends blocked on its input pipeline.
+class LoopTimer:
+    """Time the training loop spends blocked in one part of its host work.
 
-    Wrap each `next(iterator)` in `with timer.waiting():`; `pop()` at a log step
-    returns the interval's numbers and starts a new interval.
+    `LoopTimer("data_wait")`: waiting on the input pipeline; `LoopTimer("host_to_device")`:
+    handing the batch to the devices. Wrap each occurrence in `with timer.timing():`;
+    `pop()` at a log step returns the interval's numbers and starts a new interval.
     """
 
-    def __init__(self, clock=time.perf_counter):
+    def __init__(self, name: str, clock=time.perf_counter):
+        self.name = name
         self._clock = clock
         self._start = clock()
-        self._wait = 0.0
+        self._spent = 0.0
         self._count = 0
 
     @contextlib.contextmanager
-    def waiting(self) -> Iterator[None]:
+    def timing(self) -> Iterator[None]:
         t0 = self._clock()
         try:
             yield
         finally:
-            self._wait += self._clock() - t0
+            self._spent += self._clock() - t0
             self._count += 1
 
     def pop(self) -> dict[str, float]:
-        """`system/data_wait_s` (mean wait per batch, seconds) and `system/data_wait_fraction`
-        (share of the interval's wall time spent waiting); empty when nothing was timed."""
+        """`system/<name>_s` (mean time per batch, seconds) and `system/<name>_fraction`
+        (its share of the interval's wall time); empty when nothing was timed."""
         now = self._clock()
-        elapsed, wait, count = now - self._start, self._wait, self._count
-        self._start, self._wait, self._count = now, 0.0, 0
+        elapsed, spent, count = now - self._start, self._spent, self._count
+        self._start, self._spent, self._count = now, 0.0, 0
         if count == 0:
             return {}
-        return {"system/data_wait_s": wait / count, "system/data_wait_fraction": wait / max(elapsed, 1e-12)}
+        return {f"system/{self.name}_s": spent / count, f"system/{self.name}_fraction": spent / max(elapsed, 1e-12)}
