@@ -224,3 +224,21 @@ def test_tensorflow_is_never_imported_on_the_training_path(tmp_path):
                          cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))), timeout=300)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-4000:]
     assert "LOADED []" in out.stdout and "TENSORFLOW IMPORTED" not in out.stdout
+
+
+def _record(i, shape, dtype=np.uint16):
+    return {"field": np.full(shape, i, dtype), "norm_low": np.zeros(shape[0]), "norm_high": np.ones(shape[0]),
+            "label": i, "source": "s", "batch": "b", "plate": "P1", "well": f"A{i + 1:02d}", "site": "1"}
+
+
+def test_collate_stacks_fields_in_order():
+    records = [_record(i, (5, 8, 8)) for i in range(8)]
+    batch = pipeline.collate(records)
+    np.testing.assert_array_equal(batch["field"], np.stack([r["field"] for r in records]))
+    assert batch["field"].dtype == np.uint16 and list(batch["well"]) == [f"A{i + 1:02d}" for i in range(8)]
+
+
+def test_collate_names_a_field_of_another_shape():
+    records = [_record(0, (5, 16, 16)), _record(1, (5, 16, 8))]
+    with pytest.raises(DataError, match=r"field P1/A02/1 is uint16\[5, 16, 8\].*\[5, 16, 16\]"):
+        pipeline.collate(records)

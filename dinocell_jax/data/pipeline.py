@@ -201,10 +201,21 @@ class ReadField:
             return {"error": str(e), "index": int(index)}
 
 
+def _stack_fields(records: list[dict]) -> np.ndarray:
+    """`np.stack` of the records' fields, naming the field whose shape or type differs."""
+    first = records[0]["field"]
+    for r in records:
+        if r["field"].shape != first.shape or r["field"].dtype != first.dtype:
+            where = "/".join(str(r.get(k, "?")) for k in ("plate", "well", "site"))
+            raise DataError(f"field {where} is {r['field'].dtype}{list(r['field'].shape)}, the batch's first "
+                            f"is {first.dtype}{list(first.shape)}: every field of a batch must have one shape")
+    return np.stack([r["field"] for r in records])
+
+
 def collate(records: list[dict]) -> dict[str, np.ndarray]:
     """Records -> batch: field [b,C,H,W] uint16, norm_low/high [b,C] float32, label [b] int32, metadata [b] str."""
     batch = {
-        "field": np.stack([r["field"] for r in records]),
+        "field": _stack_fields(records),
         "norm_low": np.stack([r["norm_low"] for r in records]).astype(np.float32),
         "norm_high": np.stack([r["norm_high"] for r in records]).astype(np.float32),
         "label": np.asarray([r["label"] for r in records], np.int32),
