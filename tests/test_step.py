@@ -144,3 +144,42 @@ def test_group_rows_keep_each_group_together_and_invert():
         np.testing.assert_array_equal(block // batch, np.repeat(np.arange(crops)[:, None], per_group, 1))
     np.testing.assert_array_equal(step_lib.from_group_rows(step_lib.to_group_rows(x, groups), crops, groups), x)
     np.testing.assert_array_equal(step_lib.to_group_rows(x, 1), x.reshape(crops * batch, 1))
+
+
+@pytest.mark.parametrize("group", [4, 16])  # four device groups of 4 images; one group
+def test_dino_pairs_each_student_crop_with_the_other_crops_of_its_own_image(group):
+    """The DINO loss of `ssl_loss`, whatever the row order inside, is DINOv2's written
+    per crop: student global crop A against teacher crop B of the same image (and B
+    against A), every local crop against both teacher crops."""
+    import jax.numpy as jnp
+
+    # Sharp temperatures: a fresh head's logits differ little between images, and a
+    # mispaired loss must differ by more than rounding.
+    config = tiny_config(**{"model.drop_path_rate": 0.0, "loss.student_temp": 0.002})
+    b, n_local, temp = config.train.batch_size, config.crops.n_local, 0.002
+    models = step_lib.make_models(config)
+    state = step_lib.init_state(config, jax.random.key(0), optim.make_optimizer(config, Schedules.from_config(config)))
+    rng = np.random.default_rng(0)
+    g, s, c = config.crops.global_size, config.crops.local_size, step_lib.input_channels(config)
+    views = {"global_crops": jnp.asarray(rng.normal(size=(2, b, g, g, c)), jnp.float32),
+             "local_crops": jnp.asarray(rng.normal(size=(n_local, b, s, s, c)), jnp.float32)}
+    n = (g // config.model.patch_size) ** 2
+    _, (metrics, _) = step_lib.ssl_loss(state.student, state.teacher, state.center, views,
+                                        jnp.zeros((b, 2, n), bool), {"teacher": temp}, models, config, None, group)
+
+    backbone_t, dino_t, _ = models.merge(state.teacher)
+    backbone_s, dino_s, _ = models.merge(state.student)
+    teacher = [dino_t(backbone_t(x)["x_norm_clstoken"]) for x in views["global_crops"]]
+    # Row i*B + j: the target for student crop i of image j, from teacher crop 1 - i.
+    targets, _ = step_lib._teacher_targets(config, jnp.concatenate(teacher[::-1]), temp, state.center["dino"])
+    t = targets.probs().reshape(2, b, -1)
+
+    def ce(student_logits, target):
+        log_p = jax.nn.log_softmax(student_logits / config.loss.student_temp, axis=-1)
+        return -jnp.mean(jnp.sum(target * log_p, axis=-1))
+
+    s_global = [dino_s(backbone_s(x)["x_norm_clstoken"]) for x in views["global_crops"]]
+    s_local = [dino_s(backbone_s(x)["x_norm_clstoken"]) for x in views["local_crops"]]
+    expected = (sum(ce(s_global[i], t[i]) for i in range(2))
+                + sum(ce(sl, t[i]) for sl in s_local for i in range(2))) / (2 + 2 * n_local)
+    np.testing.assert_allclose(metrics["loss/dino"], expected, rtol=1e-5)
