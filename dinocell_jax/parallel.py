@@ -73,9 +73,9 @@ def per_device(fn):
     all-reduce of the gathered rows) and what follows runs replicated on every device.
     """
     def run(*args):
-        mesh = jax.sharding.get_abstract_mesh()
-        if mesh.empty or mesh.size == 1:
+        if active_devices() == 1:
             return fn(*args)
+        mesh = jax.sharding.get_abstract_mesh()
         rows = jax.P(mesh.axis_names)
         return jax.shard_map(fn, mesh=mesh, in_specs=rows, out_specs=rows)(*args)
 
