@@ -104,7 +104,11 @@ def build(gpus: int = 1, patch: int = 8, strategy: str = "multiview", lr: float 
     d.field_size = 1080  # CPJUMP1 fields are 1080x1080 16-bit (Phenix binning 2)
     d.downscale = 1
     d.holdout, d.holdout_by = 0.1, "plate"  # validation loss and probes on unseen plates
-    d.num_workers = 12  # host only reads and decodes TIFFs (16 cores per GPU); crops run on device
+    # The host only reads and decodes TIFFs (16 cores per GPU); crops run on the device.
+    # One decoding thread per worker: more oversubscribe the cores (measured on the H100
+    # host, docs/BENCHMARKS.md); raise data.read_threads for s3:// reads, which wait on the network.
+    d.num_workers = 14
+    d.read_threads = 1
     d.prefetch = 4
 
     w = c.wandb

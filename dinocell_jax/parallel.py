@@ -142,14 +142,37 @@ def process_rows(mesh, global_batch: int) -> slice:
 
 
 def to_global_batch(local_batch: dict, mesh) -> dict:
-    """Numpy arrays of this process's part of the batch -> global jax.Arrays."""
+    """This process's part of the batch -> global jax.Arrays split on the batch axis.
+
+    A value is a numpy array of this process's rows, or a list of its rows (each
+    [...]), which are sent to their devices one by one and stacked there: the host
+    never copies the whole part into one buffer (see `pipeline.collate`).
+    """
     sharding = batch_sharding(mesh)
     return {
-        k: jax.make_array_from_process_local_data(sharding, np.asarray(v))
+        k: _rows_to_global(v, sharding) if isinstance(v, list)
+        else jax.make_array_from_process_local_data(sharding, np.asarray(v))
         for k, v in local_batch.items()
     }
 
 
+@jax.jit
+def _stack(rows):
+    return jax.numpy.stack(rows)
+
+
+def _rows_to_global(rows: list, sharding) -> jax.Array:
+    """make_array_from_process_local_data(sharding, np.stack(rows)), stacked on the devices."""
+    local = len(rows)
+    global_shape = (local * jax.process_count(),) + tuple(rows[0].shape)
+    index_map = sharding.addressable_devices_indices_map(global_shape)
+    first = min(idx[0].indices(global_shape[0])[0] for idx in index_map.values())
+    shards = []
+    with jax.set_mesh(None):  # each stack is a one-device computation, not one over the training mesh
+        for device, idx in index_map.items():
+            start, stop, _ = idx[0].indices(global_shape[0])
+            shards.append(_stack(jax.device_put(rows[start - first: stop - first], device)))
+    return jax.make_array_from_single_device_arrays(global_shape, sharding, shards)
 
 
 # ----------------------------------------------------------------------------- multi-host

@@ -132,6 +132,22 @@ def test_process_rows_and_barrier_in_one_process():
     parallel.barrier("alone", timeout_s=1)  # one process: returns at once
 
 
+def test_rows_stacked_on_their_devices_equal_the_stacked_batch():
+    mesh = parallel.make_mesh(tiny_config())
+    rng = np.random.default_rng(0)
+    rows = [rng.integers(0, 65535, (2, 4, 4), dtype=np.uint16) for _ in range(16)]
+    low = rng.random((16, 2), dtype=np.float32)
+    with jax.set_mesh(mesh):  # as in the training loop
+        from_rows = parallel.to_global_batch({"field": rows, "norm_low": low}, mesh)
+    stacked = parallel.to_global_batch({"field": np.stack(rows), "norm_low": low}, mesh)
+    assert from_rows["field"].sharding == stacked["field"].sharding == parallel.batch_sharding(mesh)
+    assert len(from_rows["field"].addressable_shards) == 8
+    for a, b in zip(from_rows["field"].addressable_shards, stacked["field"].addressable_shards):
+        assert a.device == b.device and a.index == b.index
+        np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+    np.testing.assert_array_equal(np.asarray(from_rows["norm_low"]), low)
+
+
 def _batches_in_blocks() -> bool:
     """Whether process p's part of each global batch is rows [p*b, (p+1)*b) of the one-process batch.
 

@@ -93,6 +93,27 @@ def test_resume_with_worker_processes():
     resumed.close()
 
 
+def test_worker_processes_deliver_the_fields_read_in_process():
+    # Workers write finished fields straight into shared memory (sources._new_field);
+    # the trainer must get the very fields an in-process reader makes, unstacked too.
+    def fields_by_key(workers, stack):
+        it = pipeline.make_iterator(synthetic_config(num_workers=workers, num_fields=12), seed=5,
+                                    process_index=0, process_count=1, stack_fields=stack)
+        out = {}
+        for _ in range(3):
+            batch = next(it)
+            assert isinstance(batch["field"], np.ndarray if stack else list)
+            out.update({k: np.array(f) for k, f in zip(keys(batch), batch["field"])})
+        it.close()
+        return out
+
+    in_process, from_workers = fields_by_key(0, True), fields_by_key(2, False)
+    assert sorted(in_process) == sorted(from_workers) and len(in_process) == 12
+    for k, field in in_process.items():
+        assert field.shape == (5, SIZE, SIZE)
+        np.testing.assert_array_equal(from_workers[k], field)
+
+
 def test_two_processes_read_disjoint_halves_that_cover_the_epoch():
     c = synthetic_config()
     seen = []

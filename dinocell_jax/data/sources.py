@@ -352,7 +352,56 @@ def crop_or_pad(field: np.ndarray, size: int) -> np.ndarray:
     return np.ascontiguousarray(field)
 
 
-def finish_field(field, data_cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+# True in grain worker processes (pipeline.start_worker): finished fields are then
+# written straight into shared memory, which grain hands to the trainer as it is,
+# instead of copying each 11.7 MB field into a fresh segment of its own.
+_fields_in_shared_memory = False
+
+
+def write_fields_to_shared_memory() -> None:
+    """From now on this process returns full-size fields in shared memory (grain workers only:
+    the trainer process unlinks each segment when it drops the field)."""
+    global _fields_in_shared_memory
+    _fields_in_shared_memory = True
+
+
+def _new_field(shape: tuple[int, ...], final: bool) -> np.ndarray:
+    """An empty uint16 field; in shared memory in a worker when it is the field returned (`final`)."""
+    if final and _fields_in_shared_memory:
+        from grain.multiprocessing import SharedMemoryArray
+
+        return SharedMemoryArray(shape, np.uint16)
+    return np.empty(shape, np.uint16)
+
+
+def _corrected_plane(raw: np.ndarray, illum: np.ndarray, factor: int) -> np.ndarray:
+    """`_to_uint16(downscale(raw / illum, factor))` in float64, one block of rows at a time.
+
+    The same arithmetic on each value, so the same result to the bit; but a 1080 px
+    plane never has its three float64 copies (9.3 MB each) written out to memory,
+    which made this path the workers' largest cost and their memory traffic the
+    limit of many workers together. Only a plane that does not fit 16 bits (its
+    peak is known at the end) takes the whole-plane path, to be scaled as a whole.
+    """
+    hh = raw.shape[0] // factor
+    rows = max(1, 64 // factor) * factor  # ~0.5 MB of float64 per block at 1080 px: stays in cache
+    out = np.empty((hh, raw.shape[1] // factor), np.uint16)
+    peak = 0.0
+    for top in range(0, hh * factor, rows):
+        bottom = min(top + rows, hh * factor)
+        block = np.divide(raw[top:bottom], illum[top:bottom], dtype=np.float64)
+        if factor > 1:
+            block = downscale(block[None], factor)[0]
+        if block.size:
+            peak = max(peak, float(block.max()))
+        # Below 2^16 (else the whole-plane path below) only the floor of _to_uint16's clip can act.
+        out[top // factor: bottom // factor] = np.maximum(np.rint(block, out=block), 0, out=block)
+    if peak > 65535.0:
+        return _to_uint16(downscale(np.divide(raw, illum, dtype=np.float64)[None], factor)[0])
+    return out
+
+
+def finish_field(field, data_cfg, illumination=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The one host-side path of every field.
 
     Args:
@@ -360,6 +409,8 @@ def finish_field(field, data_cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         list of C such [H, W] planes of one shape (finished plane by plane, so a
         float field is never held whole).
       data_cfg: `config.data` (downscale, field_size, normalization, percentile_low/high).
+      illumination: None, or per channel the float illumination function [H, W] that
+        the raw plane is divided by (None for a channel without one).
     Returns:
       field uint16 [C, S, S] with S = data.field_size, norm_low and norm_high
       float32 [C]: bounds computed on the whole (downscaled) field, before cropping.
@@ -367,19 +418,24 @@ def finish_field(field, data_cfg) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     from dinocell_jax.data.normalize import intensity_bounds
 
     factor = max(1, int(data_cfg.downscale))
+    illumination = [None] * len(field) if illumination is None else illumination
     out = None
-    for c, plane in enumerate(field):
-        if factor > 1:
+    for c, (plane, illum) in enumerate(zip(field, illumination)):
+        if illum is not None:
+            plane = _corrected_plane(plane, illum, factor)
+        elif factor > 1:
             plane = downscale(plane[None], factor)[0]
         if plane.dtype != np.uint16:
             plane = _to_uint16(plane) if np.issubdtype(plane.dtype, np.floating) else np.clip(plane, 0, 65535).astype(np.uint16)
         if out is None:
-            out = np.empty((len(field),) + plane.shape, np.uint16)
+            size = int(data_cfg.field_size)
+            out = _new_field((len(field),) + plane.shape, final=plane.shape == (size, size))
         out[c] = plane
     if out is None:
         raise ReadError("a field with no channel")
     low, high = intensity_bounds(out, data_cfg.normalization, data_cfg.percentile_low, data_cfg.percentile_high)
-    out = crop_or_pad(out, int(data_cfg.field_size))
+    if out.shape[1:] != (size, size):
+        out = crop_or_pad(out, size)
     return out, np.asarray(low, np.float32), np.asarray(high, np.float32)
 
 
@@ -714,7 +770,7 @@ class FieldSource:
     def __getitem__(self, i: int) -> dict:
         t = self.table
         i = int(i)
-        planes, paths = [], []
+        planes, illums, paths = [], [], []
         for j, ch in enumerate(self.channels):
             path = t[f"file{j}"].iat[i]
             if not path:
@@ -724,20 +780,21 @@ class FieldSource:
                 raise ReadError(f"missing channel {ch.name}{number} for field {self.describe(i)}{where}")
             plane = self.reader.read_image(path)
             illum_path = t[f"illum{j}"].iat[i]
+            illum = None
             if illum_path:
                 illum = self._illum(illum_path)
                 if illum.shape != plane.shape:
                     raise ReadError(f"illumination function {illum_path} has shape {illum.shape}, image {path} has {plane.shape}")
-                plane = np.divide(plane, illum, dtype=np.float64)
             else:
                 plane = _plane_to_uint16(plane, path)
             planes.append(plane)
+            illums.append(illum)
             paths.append(path)
         shapes = {p.shape for p in planes}
         if len(shapes) != 1:
             detail = ", ".join(f"{p} {a.shape}" for p, a in zip(paths, planes))
             raise ReadError(f"channels of field {self.describe(i)} differ in shape: {detail}")
-        field, low, high = finish_field(planes, self.data_cfg)
+        field, low, high = finish_field(planes, self.data_cfg, illums)
         record = {"field": field, "norm_low": low, "norm_high": high, "label": int(self.labels[i])}
         for k in META:
             record[k] = str(t[k].iat[i])
