@@ -139,7 +139,8 @@ def base_config() -> ml_collections.ConfigDict:
     d.labels_csv = ""  # optional CSV keyed by plate/well with label columns
     d.label_column = ""
     d.num_workers = 4
-    d.prefetch = 2
+    d.prefetch = 2  # batches of fields buffered by the readers
+    d.device_prefetch = 2  # batches put on the devices ahead of the step, by a thread
     d.max_failure_fraction = 0.01  # stop when more fields than this fail to read
     d.cache_dir = ""  # bounded cache for s3:// reads
     d.cache_max_gb = 50.0  # size bound of data.cache_dir; least recently used files go first
@@ -273,6 +274,8 @@ def validate(config, n_devices: int) -> None:
         _fail("mesh.fsdp", f"{config.mesh.fsdp} does not divide the {n_devices} devices")
     if config.mesh.data not in (-1, n_devices // config.mesh.fsdp):
         _fail("mesh.data", f"{config.mesh.data} x mesh.fsdp={config.mesh.fsdp} != {n_devices} devices")
+    if d.device_prefetch < 1:
+        _fail("data.device_prefetch", f"{d.device_prefetch} must be >= 1 (batches on the devices ahead of the step)")
     if d.field_size < c.global_size:
         _fail("data.field_size", f"{d.field_size} is smaller than crops.global_size={c.global_size}")
     if not 0 <= config.loss.mask_ratio_min <= config.loss.mask_ratio_max <= 1:

@@ -23,6 +23,7 @@ from dinocell_jax import checkpoint as ckpt_lib
 from dinocell_jax import cli, evaluate, parallel, sweep
 from dinocell_jax import config as config_lib
 from dinocell_jax.data import pipeline
+from dinocell_jax.data.device_feed import DeviceFeed
 from dinocell_jax.data.sources import channel_list
 from dinocell_jax.monitor import logger as logger_lib
 from dinocell_jax.monitor.system import LoopTimer, system_metrics
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("mesh %s over %d devices, %d processes", dict(mesh.shape), n_devices, jax.process_count())
 
     # ---- Input
-    train_iter = pipeline.make_iterator(config, "train", seed=config.seed)
+    train_iter = pipeline.make_iterator(config, "train", seed=config.seed, stack_fields=False)
     holdout = pipeline.make_source(config, "holdout")
     probe, probe_meta = _probe_batch(config, holdout, mesh)
     channel_names = [c.name for c in channel_list(config.data)]  # the planes' order in a field
@@ -253,11 +254,18 @@ def main(argv: list[str] | None = None) -> int:
 
     def save(step_done: int, force: bool = False):
         meta = ckpt_lib.run_metadata(config, logger.wandb_run_id)
-        checkpointer.save(step_done, state, train_iter.get_state(), meta, force=force)
+        checkpointer.save(step_done, state, feed.get_state(), meta, force=force)
 
-    # The loop's host work per step: waiting for the batch, then handing it to the devices.
+    def device_batch(host: dict, step: int) -> dict:
+        local = {k: host[k] for k in ("field", "norm_low", "norm_high")}
+        local["masks"] = step_lib.host_masks(config, step, mask_group)[local_rows]
+        return parallel.to_global_batch(local, mesh)
+
+    # The loop waits for batches already on the devices (data_wait); a thread reads and
+    # transfers them ahead of it (host_to_device). Started now, it also fills during compilation.
     data_wait, host_to_device = LoopTimer("data_wait"), LoopTimer("host_to_device")
-    reporter = _Reporter(config, logger, train_iter, progress, [data_wait, host_to_device])
+    feed = DeviceFeed(train_iter, device_batch, start_step, config.data.device_prefetch, host_to_device)
+    reporter = _Reporter(config, logger, feed, progress, [data_wait, host_to_device])
     # ---- Loop
     pending = None  # (step, metrics, step_time) of the step in flight
     last = time.perf_counter()
@@ -265,11 +273,7 @@ def main(argv: list[str] | None = None) -> int:
         with jax.set_mesh(mesh):  # drop path draws its subset per device, as DINOv2 per GPU
             for step in range(start_step, total_steps):
                 with data_wait.timing():
-                    local = next(train_iter)
-                with host_to_device.timing():
-                    local = {k: local[k] for k in ("field", "norm_low", "norm_high")}
-                    local["masks"] = step_lib.host_masks(config, step, mask_group)[local_rows]
-                    batch = parallel.to_global_batch(local, mesh)
+                    batch = next(feed)
                 state, metrics = train_step(state, batch)
                 if pending is not None:
                     reporter.report(*pending)
@@ -311,6 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                       jax.process_count(), e)
         raise
     finally:
+        feed.close()
         if progress is not None:
             progress.close()
         checkpointer.close()  # the save in flight lands; finished steps go to the uploader

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -95,16 +96,18 @@ def system_metrics(devices: Sequence[Any]) -> dict[str, float]:
 
 
 class LoopTimer:
-    """Time the training loop spends blocked in one part of its host work.
+    """Time spent in one part of the training loop's host work.
 
-    `LoopTimer("data_wait")`: waiting on the input pipeline; `LoopTimer("host_to_device")`:
-    handing the batch to the devices. Wrap each occurrence in `with timer.timing():`;
-    `pop()` at a log step returns the interval's numbers and starts a new interval.
+    `LoopTimer("data_wait")`: the loop waiting for its next batch; `LoopTimer("host_to_device")`:
+    handing batches to the devices (on the feeder's thread, data.device_feed). Wrap each
+    occurrence in `with timer.timing():`; `pop()` at a log step returns the interval's
+    numbers and starts a new interval. Thread-safe: timed on one thread, popped on another.
     """
 
     def __init__(self, name: str, clock=time.perf_counter):
         self.name = name
         self._clock = clock
+        self._lock = threading.Lock()
         self._start = clock()
         self._spent = 0.0
         self._count = 0
@@ -115,15 +118,17 @@ class LoopTimer:
         try:
             yield
         finally:
-            self._spent += self._clock() - t0
-            self._count += 1
+            with self._lock:
+                self._spent += self._clock() - t0
+                self._count += 1
 
     def pop(self) -> dict[str, float]:
         """`system/<name>_s` (mean time per batch, seconds) and `system/<name>_fraction`
         (its share of the interval's wall time); empty when nothing was timed."""
         now = self._clock()
-        elapsed, spent, count = now - self._start, self._spent, self._count
-        self._start, self._spent, self._count = now, 0.0, 0
+        with self._lock:
+            elapsed, spent, count = now - self._start, self._spent, self._count
+            self._start, self._spent, self._count = now, 0.0, 0
         if count == 0:
             return {}
         return {f"system/{self.name}_s": spent / count, f"system/{self.name}_fraction": spent / max(elapsed, 1e-12)}
