@@ -13,10 +13,11 @@ workdir's metrics.jsonl:
   `(dense - off) per event x events per step`.
 
 Throughput is train.batch_size / the mean step time over the logged windows
-after the first (which holds compilation). Input idle time is the share of the
-step the loop spent waiting for the next batch (`system/data_wait_fraction`), of
-which `collate_s_per_batch` went to stacking the fields in the trainer process;
-`host_to_device_share` is the share spent handing the batch to the devices.
+after the first (which holds compilation). `input_wait_share` is the share of the
+wall time the loop spent waiting for its next batch on the devices
+(`system/data_wait_fraction`): time in which the device idles unless a step is still
+queued. The feeder thread's side: `host_to_device_share`, its share spent handing
+batches to the devices, and `collate_s_per_batch`, the trainer process's collation.
 
     python scripts/benchmark_train.py --config configs/vits8_jump_multiview.py --steps 300 \
         --tiff 64 --config.train.batch_size=64      # 64 distinct 1080 px TIFF fields, re-read
