@@ -148,7 +148,7 @@ def base_config() -> ml_collections.ConfigDict:
     d.s3_anonymous = True  # the Cell Painting Gallery is public: unsigned requests
     d.read_retries = 4  # attempts per remote file, exponential backoff between them
     d.retry_backoff_s = 0.5
-    d.read_threads = 8  # decoding threads per process (grain ReadOptions)
+    d.read_threads = 8  # decoding threads of each reading process: the trainer, or each worker
     d.illumination = True  # divide by FileName_Illum* functions when a LoadData table has them
     d.path_remap = ""  # "FROM=TO;...": re-root LoadData paths, e.g. s3://cellpainting-gallery/=/data/cpg/
     d.failure_check_after = 100  # fields read before data.max_failure_fraction is enforced

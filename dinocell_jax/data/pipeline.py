@@ -5,7 +5,7 @@ iterator of this process's batches with checkpointable state.
       -> index range -> seeded shuffle (a new order each epoch) -> repeat
       -> this process's share (every process_count-th index)
       -> read + decode (grain threads, and worker processes when data.num_workers > 0)
-      -> main process: drop unreadable fields (counted, logged), stack batches
+      -> main process: drop unreadable fields (counted, logged), collate batches
 
 Skipping happens in the main process on records that carry their error, so the
 counters hold whatever the number of workers, and the grain iterator state after
