@@ -417,7 +417,7 @@ def finish_field(field, data_cfg, illumination=None) -> tuple[np.ndarray, np.nda
     """
     from dinocell_jax.data.normalize import intensity_bounds
 
-    factor = max(1, int(data_cfg.downscale))
+    factor, size = max(1, int(data_cfg.downscale)), int(data_cfg.field_size)
     illumination = [None] * len(field) if illumination is None else illumination
     out = None
     for c, (plane, illum) in enumerate(zip(field, illumination)):
@@ -428,7 +428,6 @@ def finish_field(field, data_cfg, illumination=None) -> tuple[np.ndarray, np.nda
         if plane.dtype != np.uint16:
             plane = _to_uint16(plane) if np.issubdtype(plane.dtype, np.floating) else np.clip(plane, 0, 65535).astype(np.uint16)
         if out is None:
-            size = int(data_cfg.field_size)
             out = _new_field((len(field),) + plane.shape, final=plane.shape == (size, size))
         out[c] = plane
     if out is None:
