@@ -74,8 +74,8 @@ class _Reporter:
     moves the progress bar.
     """
 
-    def __init__(self, config, logger, train_iter, progress, timers: list[LoopTimer]):
-        self.config, self.logger, self.train_iter, self.progress = config, logger, train_iter, progress
+    def __init__(self, config, logger, feed: DeviceFeed, progress, timers: list[LoopTimer]):
+        self.config, self.logger, self.feed, self.progress = config, logger, feed, progress
         self.timers = timers
         self.accumulator = logger_lib.MetricAccumulator()
         self.health = logger_lib.GradientHealth(config.wandb.grad_norm_high, config.wandb.grad_norm_low)
@@ -116,7 +116,7 @@ class _Reporter:
             scalars["training/images_per_sec"] = config.train.batch_size / max(scalars["training/step_time"], 1e-9)
             scalars["training/iteration"] = done
             scalars["training/epoch"] = done / self.steps_per_epoch
-            scalars |= {f"data/{k}": v for k, v in self.train_iter.stats().items()}  # since the start
+            scalars |= {f"data/{k}": v for k, v in self.feed.stats().items()}  # since the start
             for timer in self.timers:  # this interval: system/data_wait_s, system/data_wait_fraction, ...
                 scalars |= timer.pop()
             scalars |= system_metrics(jax.local_devices())

@@ -68,8 +68,8 @@ def _read(workdir: str, batch: int) -> dict:
     def share(key):
         return round(float(np.mean([r.get(key, 0.0) for r in steady])), 4)
 
-    # The input wait split: fields from the workers vs stacking them in the trainer
-    # (cumulative counters, differenced over the steady windows).
+    # The trainer's collation of the workers' fields (a cumulative counter, differenced
+    # over the steady windows).
     batches = steady[-1]["training/iteration"] - rows[0]["training/iteration"]
     collate = steady[-1].get("data/collate_s", 0.0) - rows[0].get("data/collate_s", 0.0)
     return {"images_per_s": round(batch / step, 1), "step_s": round(step, 5),

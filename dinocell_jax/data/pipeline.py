@@ -316,7 +316,7 @@ class DataIterator:
 
     def stats(self) -> dict[str, float]:
         """Counters since the start of the run (the field counts are restored with the state);
-        wait_s: time spent waiting for fields, collate_s: stacking them into batches."""
+        wait_s: time spent waiting for fields, collate_s: collating them into batches."""
         return {
             "fields_read": self._read,
             "fields_skipped": self._skipped,

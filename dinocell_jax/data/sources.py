@@ -349,7 +349,8 @@ def crop_or_pad(field: np.ndarray, size: int) -> np.ndarray:
     if h < size or w < size:
         ph, pw = size - h, size - w
         field = np.pad(field, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2)), mode="symmetric")
-    return np.ascontiguousarray(field)
+    # A field already of the size comes back as it is (a worker's shared-memory field stays one).
+    return field if field.flags.c_contiguous else np.ascontiguousarray(field)
 
 
 # True in grain worker processes (pipeline.start_worker): finished fields are then
@@ -433,8 +434,7 @@ def finish_field(field, data_cfg, illumination=None) -> tuple[np.ndarray, np.nda
     if out is None:
         raise ReadError("a field with no channel")
     low, high = intensity_bounds(out, data_cfg.normalization, data_cfg.percentile_low, data_cfg.percentile_high)
-    if out.shape[1:] != (size, size):
-        out = crop_or_pad(out, size)
+    out = crop_or_pad(out, size)
     return out, np.asarray(low, np.float32), np.asarray(high, np.float32)
 
 
