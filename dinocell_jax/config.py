@@ -46,6 +46,7 @@ def base_config() -> ml_collections.ConfigDict:
     m.mask_k_bias = False
     m.attention_impl = "xla"  # "xla" | "cudnn" (GPU flash attention)
     m.dtype = "bfloat16"  # compute dtype; params, optimiser state and loss math stay fp32
+    m.residual_dtype = "float32"  # the blocks' residual stream; bfloat16 is ~5% faster (see vit.ViTConfig)
     m.remat = False  # recompute block activations in the backward pass (~1/3 more backbone compute, far less memory)
     m.init_from = ""  # DINOv2/DINOv3 .pth state dict to continue pretraining from
 
@@ -250,8 +251,9 @@ def validate(config, n_devices: int) -> None:
         _fail("model.pos_embed", f"{m.pos_embed!r} is not 'rope' or 'learned'")
     if m.attention_impl not in ("xla", "cudnn"):
         _fail("model.attention_impl", f"{m.attention_impl!r} is not 'xla' or 'cudnn'")
-    if m.dtype not in ("float32", "bfloat16", "float16"):
-        _fail("model.dtype", f"{m.dtype!r} is not float32, bfloat16 or float16")
+    for key in ("dtype", "residual_dtype"):
+        if m[key] not in ("float32", "bfloat16", "float16"):
+            _fail(f"model.{key}", f"{m[key]!r} is not float32, bfloat16 or float16")
     for key in ("global_size", "local_size"):
         size = c[key]
         if size <= 0 or size % m.patch_size:

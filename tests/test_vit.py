@@ -23,6 +23,18 @@ def _tiny(**kw):
     return ViTConfig(**{**base, **kw})
 
 
+def _readout(out):
+    """A scalar with informative gradients: random projections of the patch and CLS features.
+
+    (A sum of squares of LayerNormed tokens is nearly constant: its gradients upstream of
+    the final norm are rounding noise.)
+    """
+    patches, cls = out["x_norm_patchtokens"], out["x_norm_clstoken"]
+    w_patch = jax.random.normal(jax.random.key(2), patches.shape)
+    w_cls = jax.random.normal(jax.random.key(3), cls.shape)
+    return jnp.sum(patches * w_patch) + jnp.sum(cls * w_cls)
+
+
 def _run(model, images, masks=None, **kwargs):
     """One jitted forward: op-by-op eager dispatch is slower on CPU than compiling a tiny model once."""
     return nnx.jit(lambda m, x, mk: m(x, mk, **kwargs))(model, images, masks)
@@ -171,10 +183,7 @@ def test_backbone_padded_once_for_fused_attention_equals_unpadded(monkeypatch, p
     images = jax.random.normal(jax.random.key(1), (3, 16, 16, 1))
 
     def loss(graphdef):
-        def f(params):
-            out = nnx.merge(graphdef, params)(images)
-            return jnp.sum(out["x_norm_patchtokens"] ** 2) + jnp.sum(out["x_norm_clstoken"])
-        return jax.jit(jax.value_and_grad(f))
+        return jax.jit(jax.value_and_grad(lambda params: _readout(nnx.merge(graphdef, params)(images))))
 
     (l_xla, g_xla), (l_fused, g_fused) = loss(graphdef_xla)(params), loss(graphdef_fused)(params)
     np.testing.assert_allclose(float(l_fused), float(l_xla), rtol=2e-3)
@@ -190,13 +199,46 @@ def test_remat_gives_the_same_gradients():
         graphdef = nnx.split(VisionTransformer(_tiny(drop_path_rate=0.2, remat=remat), rngs=nnx.Rngs(0)), nnx.Param)[0]
 
         def loss(p):
-            out = nnx.merge(graphdef, p)(images, drop_path_key=jax.random.key(3))
-            return jnp.sum(out["x_norm_patchtokens"] ** 2)
+            return _readout(nnx.merge(graphdef, p)(images, drop_path_key=jax.random.key(3)))
 
         return jax.jit(jax.grad(loss))(params)
 
     for a, b in zip(jax.tree_util.tree_leaves(grads(True)), jax.tree_util.tree_leaves(grads(False))):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)  # fp32 recomputed
+
+
+def test_bf16_residual_stream_stays_close_to_fp32():
+    images = jax.random.normal(jax.random.key(1), (3, 16, 16, 1))
+    cfg = dict(dtype="bfloat16", n_storage_tokens=2, layerscale_init=0.5)
+    params = nnx.split(VisionTransformer(_tiny(**cfg), rngs=nnx.Rngs(0)), nnx.Param)[1]
+
+    def features_and_grads(residual_dtype):
+        graphdef = nnx.split(VisionTransformer(_tiny(**cfg, residual_dtype=residual_dtype), rngs=nnx.Rngs(0)),
+                             nnx.Param)[0]
+        out = jax.jit(lambda p: nnx.merge(graphdef, p)(images))(params)
+        return out, jax.jit(jax.grad(lambda p: _readout(nnx.merge(graphdef, p)(images))))(params)
+
+    (out16, g16), (out32, g32) = features_and_grads("bfloat16"), features_and_grads("float32")
+    assert out16["x_norm_patchtokens"].dtype == jnp.float32  # the final norm hands over fp32
+    for key in ("x_norm_clstoken", "x_norm_patchtokens"):
+        np.testing.assert_allclose(out16[key], out32[key], atol=0.1)
+        assert float(jnp.max(jnp.abs(out16[key] - out32[key]))) > 0  # the stream was bf16
+    for a, b in zip(jax.tree_util.tree_leaves(g16), jax.tree_util.tree_leaves(g32)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.1 * float(jnp.max(jnp.abs(b))) + 1e-6)
+    with pytest.raises(ValueError, match="residual_dtype"):
+        _tiny(residual_dtype="int8")
+
+
+def test_one_pass_layer_norm_error_grows_with_the_token_offset():
+    # The blocks' norms take both moments in one pass (vit._layer_norm): against a float64
+    # two-pass reference, fp32-exact for centred tokens, 1e-4 at mean/std = 10.
+    rng = np.random.default_rng(0)
+    for ratio, tolerance in ((0.0, 2e-6), (10.0, 1e-4)):
+        x = ((ratio + rng.standard_normal((64, 384))) * 3.0).astype(np.float32)
+        norm = vit_lib._layer_norm(384, 1e-6, nnx.Rngs(0), one_pass=True)
+        centred = x.astype(np.float64) - x.mean(-1, keepdims=True, dtype=np.float64)
+        want = centred / np.sqrt((centred ** 2).mean(-1, keepdims=True) + 1e-6)
+        np.testing.assert_allclose(np.asarray(norm(jnp.asarray(x))), want, atol=tolerance)
 
 
 def test_bf16_compute_keeps_params_and_attention_fp32():
@@ -260,6 +302,34 @@ def test_drop_add_residual_updates_exactly_a_subset():
     other = drop_add_residual(x, lambda y: jnp.ones_like(y), jax.random.key(1), rate=0.3)
     assert not np.array_equal(np.asarray(jnp.any(other != 0, axis=(1, 2))), changed)
     np.testing.assert_array_equal(drop_add_residual(x, lambda y: y + 1, None, rate=0.3), x + 1)
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_drop_path_values_and_gradients_equal_the_masked_residual(devices):
+    # On a row-wise residual, computing it on the subset equals computing it on every row
+    # and keeping the subset's: the custom gathers (and their transposes) must agree.
+    w = jax.random.normal(jax.random.key(3), (4, 4))
+    x = jax.random.normal(jax.random.key(1), (32, 3, 4))
+    key = jax.random.key(5)
+
+    def residual(y):
+        return jnp.tanh(y @ w)
+
+    mesh = jax.make_mesh((devices,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with jax.set_mesh(mesh):
+        kept = jax.jit(lambda: drop_add_residual(jnp.zeros_like(x), jnp.ones_like, key, rate=0.25))()
+        kept = np.asarray(kept[:, 0, 0] != 0)
+        assert kept.sum() == 24 and kept.reshape(devices, -1).sum(axis=1).tolist() == [32 // devices * 3 // 4] * devices
+
+        def masked(x):
+            return x + jnp.where(kept[:, None, None], residual(x) * 4 / 3, 0.0)
+
+        def loss(fn):
+            return jax.jit(jax.value_and_grad(lambda x: jnp.sum(jnp.sin(fn(x)) * x)))(x)
+
+        (value, grad), (want_value, want_grad) = loss(lambda x: drop_add_residual(x, residual, key, 0.25)), loss(masked)
+    np.testing.assert_allclose(value, want_value, rtol=1e-6)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-6)
 
 
 def test_drop_path_subsets_are_per_device_under_a_mesh():
