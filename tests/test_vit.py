@@ -230,8 +230,12 @@ def test_bf16_residual_stream_stays_close_to_fp32():
 
 
 def test_one_pass_layer_norm_error_grows_with_the_token_offset():
-    # The blocks' norms take both moments in one pass (vit._layer_norm): against a float64
-    # two-pass reference, fp32-exact for centred tokens, 1e-4 at mean/std = 10.
+    # In reduced precision the blocks' norms take both moments in one pass (vit._layer_norm):
+    # against a float64 two-pass reference, fp32-exact for centred tokens, 1e-4 at mean/std = 10.
+    for dtype, reduced in (("float32", False), ("bfloat16", True)):
+        block = VisionTransformer(_tiny(dtype=dtype), rngs=nnx.Rngs(0)).blocks[0]
+        assert (block.norm1.use_fast_variance, block.norm2.use_fast_variance, block.mlp.approximate_gelu) == (
+            reduced, reduced, reduced)
     rng = np.random.default_rng(0)
     for ratio, tolerance in ((0.0, 2e-6), (10.0, 1e-4)):
         x = ((ratio + rng.standard_normal((64, 384))) * 3.0).astype(np.float32)

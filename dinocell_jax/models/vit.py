@@ -89,6 +89,12 @@ class ViTConfig:
         return COMPUTE_DTYPES[self.dtype]
 
     @property
+    def reduced_precision(self) -> bool:
+        """bf16/fp16 compute: the blocks may use forms whose error is under that precision
+        (one-pass LayerNorm statistics, tanh GELU); fp32 keeps torch's exact forms."""
+        return self.compute_dtype != jnp.float32
+
+    @property
     def stream_dtype(self):
         return COMPUTE_DTYPES[self.residual_dtype]
 
@@ -341,8 +347,8 @@ def _layer_norm(dim: int, eps: float, rngs: nnx.Rngs, dtype=None, *, one_pass: b
     `one_pass` takes the variance as E[x^2] - E[x]^2, both moments in one read of the
     tokens: 4.5% of the training step on an H100 against the two-pass form torch uses.
     Its cancellation error grows with a token's (mean / std)^2: relative 5e-5 at a ratio
-    of 10, 6e-3 at 100, against bf16's 4e-3 resolution. The blocks' norms use it; the
-    final norm, whose fp32 output is the features, keeps two passes.
+    of 10, 6e-3 at 100, against bf16's 4e-3 resolution. The blocks' norms use it in
+    reduced precision; the final norm, whose fp32 output is the features, keeps two passes.
     """
     return nnx.LayerNorm(dim, epsilon=eps, use_fast_variance=one_pass, dtype=dtype, rngs=rngs)
 
@@ -393,7 +399,7 @@ class Mlp(nnx.Module):
         # flax's and big_vision's default): 4% of the step faster on an H100, and at most
         # 5e-4 from erf (at x = +-2.7), under the rounding of the bf16 activation it is
         # stored in wherever |gelu| > 0.25; fp32 keeps erf, which the torch parity tests pin.
-        self.approximate_gelu = cfg.compute_dtype != jnp.float32
+        self.approximate_gelu = cfg.reduced_precision
 
     def __call__(self, x):
         return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate_gelu))
@@ -434,10 +440,10 @@ class Attention(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: ViTConfig, *, rngs: nnx.Rngs):
-        self.norm1 = _layer_norm(cfg.embed_dim, cfg.ln_eps, rngs, cfg.compute_dtype, one_pass=True)
+        self.norm1 = _layer_norm(cfg.embed_dim, cfg.ln_eps, rngs, cfg.compute_dtype, one_pass=cfg.reduced_precision)
         self.attn = Attention(cfg, rngs=rngs)
         self.ls1 = LayerScale(cfg.embed_dim, cfg.layerscale_init) if cfg.layerscale_init else None
-        self.norm2 = _layer_norm(cfg.embed_dim, cfg.ln_eps, rngs, cfg.compute_dtype, one_pass=True)
+        self.norm2 = _layer_norm(cfg.embed_dim, cfg.ln_eps, rngs, cfg.compute_dtype, one_pass=cfg.reduced_precision)
         self.mlp = Mlp(cfg, rngs=rngs)
         self.ls2 = LayerScale(cfg.embed_dim, cfg.layerscale_init) if cfg.layerscale_init else None
         self.drop_path_rate = cfg.drop_path_rate
