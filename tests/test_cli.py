@@ -114,6 +114,11 @@ def test_apply_overrides_from_wandb_config():
         cli.apply_overrides(config, {"train.batch_size": 2.5})
     with pytest.raises(ConfigError, match="config.model.dtype"):
         cli.apply_overrides(config, {"model.dtype": 3})
+    cli.apply_overrides(config, {"model.residual_dtype": "bfloat16"})
+    config_lib.validate(config, 1)
+    cli.apply_overrides(config, {"model.residual_dtype": "bf16"})
+    with pytest.raises(ConfigError, match="config.model.residual_dtype"):
+        config_lib.validate(config, 1)
 
 
 def test_presets_apply():
