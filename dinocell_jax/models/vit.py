@@ -50,7 +50,7 @@ class ViTConfig:
     mask_k_bias: bool = False
     attention_impl: str = "xla"  # "xla" | "cudnn"
     dtype: str = "float32"  # compute dtype name
-    # The residual stream's dtype. bfloat16 is ~5% faster on an H100 (every LayerNorm, drop
+    # The residual stream's dtype. bfloat16 is 5-8% faster on an H100 (every LayerNorm, drop
     # path and residual add moves half the bytes) but rounds away a block's update below
     # 1/256 of the stream: with LayerScale 1e-5 the blocks are invisible in the forward pass
     # until their gains grow (DINOv2's own fp16 FSDP training had the same property).
