@@ -150,7 +150,7 @@ def to_global_batch(local_batch: dict, mesh) -> dict:
     """
     sharding = batch_sharding(mesh)
     return {
-        k: _rows_to_global(v, mesh) if isinstance(v, list)
+        k: _rows_to_global(v, sharding, mesh) if isinstance(v, list)
         else jax.make_array_from_process_local_data(sharding, np.asarray(v))
         for k, v in local_batch.items()
     }
@@ -161,9 +161,8 @@ def _stack(rows):
     return jax.numpy.stack(rows)
 
 
-def _rows_to_global(rows: list, mesh) -> jax.Array:
-    """make_array_from_process_local_data(batch_sharding(mesh), np.stack(rows)), stacked on the devices."""
-    sharding = batch_sharding(mesh)
+def _rows_to_global(rows: list, sharding, mesh) -> jax.Array:
+    """make_array_from_process_local_data(sharding, np.stack(rows)), stacked on the devices."""
     global_shape = (len(rows) * jax.process_count(),) + tuple(rows[0].shape)
     first = process_rows(mesh, global_shape[0]).start  # global row of rows[0]
     index_map = sharding.addressable_devices_indices_map(global_shape)

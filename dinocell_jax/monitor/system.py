@@ -99,7 +99,7 @@ class LoopTimer:
     """Time spent in one part of the training loop's host work.
 
     `LoopTimer("data_wait")`: the loop waiting for its next batch; `LoopTimer("host_to_device")`:
-    handing batches to the devices (on the feeder's thread, data.device_feed). Wrap each
+    handing batches to the devices (on the feeder thread of `data/device_feed.py`). Wrap each
     occurrence in `with timer.timing():`; `pop()` at a log step returns the interval's
     numbers and starts a new interval. Thread-safe: timed on one thread, popped on another.
     """
