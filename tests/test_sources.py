@@ -205,11 +205,15 @@ def test_finish_field_downscales_then_bounds_then_crops_or_pads():
     np.testing.assert_allclose(low, lo_ref)
 
 
-@pytest.mark.parametrize("downscale", [1, 2, 3])
-def test_finish_field_divides_by_illumination_in_blocks_as_on_the_whole_plane(downscale):
+@pytest.mark.parametrize("downscale, dtype", [(1, np.uint16), (2, np.uint16), (3, np.uint16), (1, np.int32), (2, np.float32)])
+def test_finish_field_divides_by_illumination_in_blocks_as_on_the_whole_plane(downscale, dtype):
     # 150 rows: several row blocks, and with downscale 3 none left over; odd widths drop a column.
+    # Signed and float planes may hold negative values, which must still clip to 0.
     rng = np.random.default_rng(downscale)
-    raw = (100 + rng.gamma(2.0, 400.0, (2, 150, 97))).astype(np.uint16)
+    raw = (100 + rng.gamma(2.0, 400.0, (2, 150, 97))).astype(dtype)
+    if dtype != np.uint16:
+        raw[0, :40] -= 2000
+        assert raw[0].min() < 0
     illum = [rng.uniform(1.0, 3.0, (150, 97)), rng.uniform(0.001, 0.01, (150, 97))]  # 2nd: > 16 bits
     c = make_config("synthetic", field_size=150 // downscale, downscale=downscale)
     out, _, _ = sources.finish_field(list(raw), c.data, illum)
@@ -218,6 +222,7 @@ def test_finish_field_divides_by_illumination_in_blocks_as_on_the_whole_plane(do
         want = sources.crop_or_pad(sources._to_uint16(whole)[None], 150 // downscale)[0]
         np.testing.assert_array_equal(out[ch], want)
     assert out[1].max() == 65535  # the overflowing channel was scaled as a whole
+    assert (out[0] == 0).any() == (dtype != np.uint16)
 
 
 def test_holdout_by_plate_is_disjoint_stable_and_falls_back_to_wells():

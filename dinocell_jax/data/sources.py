@@ -375,18 +375,23 @@ def _new_field(shape: tuple[int, ...], final: bool) -> np.ndarray:
     return np.empty(shape, np.uint16)
 
 
-def _corrected_plane(raw: np.ndarray, illum: np.ndarray, factor: int) -> np.ndarray:
-    """`_to_uint16(downscale(raw / illum, factor))` in float64, one block of rows at a time.
+def _corrected_plane(raw: np.ndarray, illum: np.ndarray, factor: int, out: np.ndarray) -> None:
+    """out[:] = `_to_uint16(downscale(raw / illum, factor))` in float64, one block of rows at a time.
 
     The same arithmetic on each value, so the same result to the bit; but a 1080 px
     plane never has its three float64 copies (9.3 MB each) written out to memory,
     which made this path the workers' largest cost and their memory traffic the
-    limit of many workers together. Only a plane that does not fit 16 bits (its
-    peak is known at the end) takes the whole-plane path, to be scaled as a whole.
+    limit of many workers together. The blocks go straight into `out` (a plane of
+    the finished field): no plane-sized temporary to fault in and copy. Only a plane
+    that does not fit 16 bits (its peak is known at the end) takes the whole-plane
+    path, to be scaled as a whole.
     """
     hh = raw.shape[0] // factor
     rows = max(1, 64 // factor) * factor  # ~0.5 MB of float64 per block at 1080 px: stays in cache
-    out = np.empty((hh, raw.shape[1] // factor), np.uint16)
+    # An unsigned plane over a positive illumination function (checked when it is read)
+    # has no negative quotient: the floor of _to_uint16's clip, a pass as dear as the
+    # division, is needed only for signed or float planes.
+    may_be_negative = raw.dtype.kind != "u"
     peak = 0.0
     for top in range(0, hh * factor, rows):
         bottom = min(top + rows, hh * factor)
@@ -395,11 +400,13 @@ def _corrected_plane(raw: np.ndarray, illum: np.ndarray, factor: int) -> np.ndar
             block = downscale(block[None], factor)[0]
         if block.size:
             peak = max(peak, float(block.max()))
-        # Below 2^16 (else the whole-plane path below) only the floor of _to_uint16's clip can act.
-        out[top // factor: bottom // factor] = np.maximum(np.rint(block, out=block), 0, out=block)
+        np.rint(block, out=block)
+        if may_be_negative:
+            np.maximum(block, 0, out=block)
+        # Below 2^16 (else the whole-plane path below) the cast is exact.
+        out[top // factor: bottom // factor] = block
     if peak > 65535.0:
-        return _to_uint16(downscale(np.divide(raw, illum, dtype=np.float64)[None], factor)[0])
-    return out
+        out[:] = _to_uint16(downscale(np.divide(raw, illum, dtype=np.float64)[None], factor)[0])
 
 
 def finish_field(field, data_cfg, illumination=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -418,21 +425,24 @@ def finish_field(field, data_cfg, illumination=None) -> tuple[np.ndarray, np.nda
     """
     from dinocell_jax.data.normalize import intensity_bounds
 
+    if len(field) == 0:
+        raise ReadError("a field with no channel")
     factor, size = max(1, int(data_cfg.downscale)), int(data_cfg.field_size)
     illumination = [None] * len(field) if illumination is None else illumination
-    out = None
+    h, w = field[0].shape
+    if factor > 1 and (h < factor or w < factor):
+        raise ReadError(f"field of shape {(len(field), h, w)} is smaller than data.downscale={factor}")
+    shape = (len(field), h // factor, w // factor)
+    out = _new_field(shape, final=shape[1:] == (size, size))
     for c, (plane, illum) in enumerate(zip(field, illumination)):
         if illum is not None:
-            plane = _corrected_plane(plane, illum, factor)
-        elif factor > 1:
+            _corrected_plane(plane, illum, factor, out[c])
+            continue
+        if factor > 1:
             plane = downscale(plane[None], factor)[0]
         if plane.dtype != np.uint16:
             plane = _to_uint16(plane) if np.issubdtype(plane.dtype, np.floating) else np.clip(plane, 0, 65535).astype(np.uint16)
-        if out is None:
-            out = _new_field((len(field),) + plane.shape, final=plane.shape == (size, size))
         out[c] = plane
-    if out is None:
-        raise ReadError("a field with no channel")
     low, high = intensity_bounds(out, data_cfg.normalization, data_cfg.percentile_low, data_cfg.percentile_high)
     out = crop_or_pad(out, size)
     return out, np.asarray(low, np.float32), np.asarray(high, np.float32)
