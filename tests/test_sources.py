@@ -225,6 +225,15 @@ def test_finish_field_divides_by_illumination_in_blocks_as_on_the_whole_plane(do
     assert (out[0] == 0).any() == (dtype != np.uint16)
 
 
+@pytest.mark.parametrize("with_illumination", [False, True])
+def test_finish_field_smaller_than_the_downscale_is_an_error_naming_its_shape(with_illumination):
+    raw = np.ones((2, 1, 40), np.uint16)  # one row: nothing left after a 2 x 2 block mean
+    illum = [np.ones((1, 40))] * 2 if with_illumination else None
+    c = make_config("synthetic", field_size=20, downscale=2)
+    with pytest.raises(ReadError, match=r"field of shape \(2, 1, 40\) is smaller than data.downscale=2"):
+        sources.finish_field(list(raw), c.data, illum)
+
+
 def test_holdout_by_plate_is_disjoint_stable_and_falls_back_to_wells():
     meta = pd.DataFrame({
         "source": "s", "batch": "b",
