@@ -310,6 +310,14 @@ def _to_uint16(plane: np.ndarray) -> np.ndarray:
     return np.clip(rounded, 0, 65535, out=rounded).astype(np.uint16)
 
 
+def downscaled_shape(shape: tuple[int, int, int], factor: int) -> tuple[int, int, int]:
+    """[C, H, W] -> [C, H // f, W // f]; a ReadError naming the shape when nothing would be left."""
+    c, h, w = shape
+    if factor > 1 and (h < factor or w < factor):
+        raise ReadError(f"field of shape {tuple(shape)} is smaller than data.downscale={factor}")
+    return c, h // factor, w // factor
+
+
 def downscale(field: np.ndarray, factor: int) -> np.ndarray:
     """Block mean by an integer factor: [C, H, W] -> [C, H // f, W // f] float (edge rows that do not fill a block are dropped).
 
@@ -319,10 +327,7 @@ def downscale(field: np.ndarray, factor: int) -> np.ndarray:
     """
     if factor <= 1:
         return field
-    c, h, w = field.shape
-    hh, ww = h // factor, w // factor
-    if hh == 0 or ww == 0:
-        raise ReadError(f"field of shape {field.shape} is smaller than data.downscale={factor}")
+    c, hh, ww = downscaled_shape(field.shape, factor)
     exact32 = field.dtype.kind in "ui" and factor <= 16
     out = np.zeros((c, hh, ww), np.float32 if exact32 else np.float64)
     for a in range(factor):
@@ -429,10 +434,7 @@ def finish_field(field, data_cfg, illumination=None) -> tuple[np.ndarray, np.nda
         raise ReadError("a field with no channel")
     factor, size = max(1, int(data_cfg.downscale)), int(data_cfg.field_size)
     illumination = [None] * len(field) if illumination is None else illumination
-    h, w = field[0].shape
-    if factor > 1 and (h < factor or w < factor):
-        raise ReadError(f"field of shape {(len(field), h, w)} is smaller than data.downscale={factor}")
-    shape = (len(field), h // factor, w // factor)
+    shape = downscaled_shape((len(field), *field[0].shape), factor)
     out = _new_field(shape, final=shape[1:] == (size, size))
     for c, (plane, illum) in enumerate(zip(field, illumination)):
         if illum is not None:
