@@ -3,8 +3,10 @@
 Writes `--unique` fields of 5 x 1080 x 1080 uint16 TIFFs (CPJUMP1's size, Phenix
 names) with a LoadData table (and illumination functions unless --no_illum) to a
 temporary folder, then times `pipeline.make_iterator` over them: TIFF decode at
-16 bits, illumination division, downscale, percentile bounds, centre crop, batch
-stacking. Files are read from the page cache after the first pass, so this is the
+16 bits, illumination division, downscale, percentile bounds, centre crop, and with
+workers the hand-over through shared memory; batches stay unstacked as the
+trainer's (`--stack` stacks them). `--field_size 1080` is the DINOCell config's
+(no crop). Files are read from the page cache after the first pass, so this is the
 CPU cost of a field, not the disk's or the network's.
 
     python scripts/benchmark_input.py                       # one core (no workers, one thread)
@@ -67,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--workers", type=int, default=0, help="data.num_workers (0: in-process)")
     p.add_argument("--threads", type=int, default=1, help="data.read_threads")
     p.add_argument("--no_illum", action="store_true")
+    p.add_argument("--stack", action="store_true",
+                   help="stack each batch into one array on the host (the trainer does not: it sends fields unstacked)")
     p.add_argument("--gpu_fields_per_s", type=float, default=0.0, help="fields/s one GPU's step consumes")
     args = p.parse_args(argv)
 
@@ -77,12 +81,12 @@ def main(argv=None) -> int:
         c.data.update(dict(source=f"loaddata:{table}", holdout=0.0, field_size=args.field_size,
                            downscale=args.downscale, num_workers=args.workers, read_threads=args.threads,
                            prefetch=2))
-        it = pipeline.make_iterator(c, seed=0, process_index=0, process_count=1)
+        it = pipeline.make_iterator(c, seed=0, process_index=0, process_count=1, stack_fields=args.stack)
         next(it)  # warm: page cache, worker start-up, illumination cache
         cpu0, t0 = time.process_time(), time.perf_counter()
         n = 0
         while n < args.fields:
-            n += next(it)["field"].shape[0]
+            n += len(next(it)["field"])
         wall = time.perf_counter() - t0
         main_cpu = time.process_time() - cpu0
     cores = args.workers * args.threads if args.workers else args.threads
@@ -93,6 +97,7 @@ def main(argv=None) -> int:
         "field_size": args.field_size,
         "downscale": args.downscale,
         "illumination": not args.no_illum,
+        "stacked": args.stack,
         "workers": args.workers,
         "threads": args.threads,
         "cpu_count": os.cpu_count(),

@@ -27,6 +27,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from dinocell_jax.data import field_slots
 from dinocell_jax.data.sources import (
     META,
     DataError,
@@ -39,7 +40,6 @@ from dinocell_jax.data.sources import (
     holdout_mask,
     read_loaddata,
     scan_folder,
-    write_fields_to_shared_memory,
 )
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ class TfdsSource:
         if field.shape[-1] != int(self.data_cfg.field_size) or field.shape[-2] != int(self.data_cfg.field_size):
             field = crop_or_pad(field, int(self.data_cfg.field_size))
         record = {
-            "field": field,
+            "field": field_slots.to_slot(field),
             "norm_low": np.asarray(ex["norm_low"], np.float32),
             "norm_high": np.asarray(ex["norm_high"], np.float32),
             "label": int(ex["label"]),
@@ -198,9 +198,12 @@ class ReadField:
 
     def __call__(self, index: int) -> dict:
         try:
-            return self.source[int(index)]
+            record = self.source[int(index)]
         except ReadError as e:
             return {"error": str(e), "index": int(index)}
+        # In a worker the field is in a shared-memory slot: the trainer gets its reference.
+        record["field"] = field_slots.hand_off(record["field"])
+        return record
 
 
 def _check_fields(records: list[dict]) -> list[np.ndarray]:
@@ -251,6 +254,7 @@ class DataIterator:
         self._wait_s = 0.0
         self._collate_s = 0.0
         self._last_error = ""
+        self._slots = field_slots.TrainerSlots()  # the workers' fields, mapped once per slot
 
     def __iter__(self):
         return self
@@ -274,6 +278,8 @@ class DataIterator:
                 self._check_failures(final=False)
                 continue
             self._read += 1
+            if isinstance(record["field"], field_slots.SlotRef):
+                record["field"] = self._slots.attach(record["field"])
             records.append(record)
         start = time.perf_counter()
         batch = collate(records, self.stack_fields)
@@ -305,6 +311,7 @@ class DataIterator:
         if "grain" not in state:
             raise DataError(f"data iterator state has no 'grain' entry; keys: {sorted(state)}")
         self._it.set_state(state["grain"])
+        self._slots.close()  # the workers before the restore do not send again
         self._read = int(state.get("fields_read", 0))
         self._skipped = int(state.get("fields_skipped", 0))
 
@@ -313,6 +320,7 @@ class DataIterator:
         close = getattr(self._it, "close", None)
         if close is not None:
             close()
+        self._slots.close()
 
     def stats(self) -> dict[str, float]:
         """Counters since the start of the run (the field counts are restored with the state);
@@ -387,6 +395,10 @@ def make_iterator(config, split: str = "train", *, seed: int, process_index: int
         # absl.app (tests, notebooks, our CLI) has not parsed them: take their defaults.
         if not flags.FLAGS.is_parsed():
             flags.FLAGS.mark_as_parsed()
+        # Fields travel as slot references (field_slots); the records' small arrays
+        # (bounds) are cheaper pickled than given a shared-memory segment each.
+        it_ds = grain.experimental.WithOptionsIterDataset(
+            it_ds, grain.experimental.DatasetOptions(min_shm_size=1 << 20))
         it_ds = it_ds.mp_prefetch(
             grain.MultiprocessingOptions(num_workers=workers, per_worker_buffer_size=buffered),
             worker_init_fn=start_worker,
@@ -396,11 +408,11 @@ def make_iterator(config, split: str = "train", *, seed: int, process_index: int
 
 
 def start_worker(worker_index: int, worker_count: int) -> None:
-    """grain worker start-up: below the trainer's priority, fields written to shared memory.
+    """grain worker start-up: below the trainer's priority, fields written to shared-memory slots.
 
     When the workers' decoding fills every core, the trainer's thread still gets the
     CPU it needs to hand each batch to the devices and dispatch the step on time.
     """
     del worker_index, worker_count
     os.nice(10)
-    write_fields_to_shared_memory()
+    field_slots.enable()

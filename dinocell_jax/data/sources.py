@@ -34,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from dinocell_jax.config import CHANNELS
+from dinocell_jax.data import field_slots
 
 log = logging.getLogger(__name__)
 
@@ -358,28 +359,6 @@ def crop_or_pad(field: np.ndarray, size: int) -> np.ndarray:
     return field if field.flags.c_contiguous else np.ascontiguousarray(field)
 
 
-# True in grain worker processes (pipeline.start_worker): finished fields are then
-# written straight into shared memory, which grain hands to the trainer as it is,
-# instead of copying each 11.7 MB field into a fresh segment of its own.
-_fields_in_shared_memory = False
-
-
-def write_fields_to_shared_memory() -> None:
-    """From now on this process returns full-size fields in shared memory (grain workers only:
-    the trainer process unlinks each segment when it drops the field)."""
-    global _fields_in_shared_memory
-    _fields_in_shared_memory = True
-
-
-def _new_field(shape: tuple[int, ...], final: bool) -> np.ndarray:
-    """An empty uint16 field; in shared memory in a worker when it is the field returned (`final`)."""
-    if final and _fields_in_shared_memory:
-        from grain.multiprocessing import SharedMemoryArray
-
-        return SharedMemoryArray(shape, np.uint16)
-    return np.empty(shape, np.uint16)
-
-
 def _corrected_plane(raw: np.ndarray, illum: np.ndarray, factor: int, out: np.ndarray) -> None:
     """out[:] = `_to_uint16(downscale(raw / illum, factor))` in float64, one block of rows at a time.
 
@@ -435,7 +414,9 @@ def finish_field(field, data_cfg, illumination=None) -> tuple[np.ndarray, np.nda
     factor, size = max(1, int(data_cfg.downscale)), int(data_cfg.field_size)
     illumination = [None] * len(field) if illumination is None else illumination
     shape = downscaled_shape((len(field), *field[0].shape), factor)
-    out = _new_field(shape, final=shape[1:] == (size, size))
+    # In a grain worker the finished field goes into a shared-memory slot the trainer
+    # reads it from (field_slots): straight away when no crop or pad follows.
+    out = (field_slots.new_array if shape[1:] == (size, size) else np.empty)(shape, np.uint16)
     for c, (plane, illum) in enumerate(zip(field, illumination)):
         if illum is not None:
             _corrected_plane(plane, illum, factor, out[c])
@@ -446,7 +427,7 @@ def finish_field(field, data_cfg, illumination=None) -> tuple[np.ndarray, np.nda
             plane = _to_uint16(plane) if np.issubdtype(plane.dtype, np.floating) else np.clip(plane, 0, 65535).astype(np.uint16)
         out[c] = plane
     low, high = intensity_bounds(out, data_cfg.normalization, data_cfg.percentile_low, data_cfg.percentile_high)
-    out = crop_or_pad(out, size)
+    out = field_slots.to_slot(crop_or_pad(out, size))
     return out, np.asarray(low, np.float32), np.asarray(high, np.float32)
 
 
