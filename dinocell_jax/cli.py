@@ -268,9 +268,12 @@ def parse_known_config(argv: Sequence[str]) -> tuple[ml_collections.ConfigDict, 
     for key, value in overrides:
         _set(config, key, value)
 
-    if not config.wandb.name:
-        config.wandb.name = auto_run_name(config)
-    workdir = workdir or config.workdir or os.path.join("runs", config.wandb.name)
+    workdir = workdir or config.workdir
+    if not workdir:
+        # A fresh run directory, named as the run. With a workdir given, an empty
+        # wandb.name is left to the logger: it reuses the name stored there on resume.
+        config.wandb.name = config.wandb.name or auto_run_name(config)
+        workdir = os.path.join("runs", config.wandb.name)
     config.workdir = workdir
     return config, workdir, rest
 

@@ -186,8 +186,9 @@ def test_auto_run_name_and_workdir():
     assert cli.auto_run_name(config, now) == "vits8-jump-multiview-20250102-030405"  # the guide's form
     config, workdir = cli.parse_config(["--config", JUMP])
     assert workdir == os.path.join("runs", config.wandb.name) and config.wandb.name.startswith("vits8-jump-multiview-")
-    _, workdir = cli.parse_config(["--config", JUMP, "--workdir=/tmp/x"])
-    assert workdir == "/tmp/x"
+    config, workdir = cli.parse_config(["--config", JUMP, "--workdir=/tmp/x"])
+    # Not re-stamped: resuming in /tmp/x keeps the name the logger stored there.
+    assert workdir == "/tmp/x" and config.wandb.name == ""
     _, workdir = cli.parse_config(["--config", JUMP, "--config.workdir=/tmp/y"])
     assert workdir == "/tmp/y"
 

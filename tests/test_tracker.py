@@ -110,9 +110,9 @@ def test_auto_name_and_secrets():
 
     c = base_config()
     when = datetime.datetime(2026, 11, 27, 13, 0)
-    assert auto_run_name(c, when) == "vits8-synthetic-multiview-20261127-1300"
+    assert auto_run_name(c, when) == "vits8-synthetic-multiview-20261127-130000"
     c.data.source, c.model.patch_size, c.data.strategy = "loaddata:/data/load_data.csv", 16, "average"
-    assert auto_run_name(c, when) == "vits16-jump-average-20261127-1300"
+    assert auto_run_name(c, when) == "vits16-jump-average-20261127-130000"
 
 
 def test_redact_secrets(monkeypatch):

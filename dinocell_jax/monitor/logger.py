@@ -18,7 +18,6 @@ other than 0 every method is a no-op. The wandb run id lives in
 
 from __future__ import annotations
 
-import datetime
 import logging
 import math
 import os
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from dinocell_jax.cli import auto_run_name
 from dinocell_jax.monitor import tracker as tracking
 from dinocell_jax.monitor.figures import probe_report
 
@@ -40,7 +40,6 @@ log = logging.getLogger(__name__)
 RUN_ID_FILE = "wandb_run_id"
 RUN_NAME_FILE = "wandb_run_name"
 _SECRET_KEY = re.compile(r"(^|[_-])(api[_-]?key|token|secret|password)$", re.IGNORECASE)
-_ARCH_SHORT = {"vit_tiny": "vitt", "vit_small": "vits", "vit_base": "vitb", "vit_large": "vitl", "vit_custom": "vitc"}
 
 
 class MetricAccumulator:
@@ -118,15 +117,6 @@ def redact_secrets(obj: Any) -> Any:
     if isinstance(obj, str) and len(key) >= 8 and key in obj:
         return obj.replace(key, "<redacted>")
     return obj
-
-
-def auto_run_name(config, now: datetime.datetime | None = None) -> str:
-    """`<arch><patch>-<dataset>-<strategy>-<YYYYmmdd-HHMM>`, e.g. `vits8-jump-multiview-20261127-1300`."""
-    arch = _ARCH_SHORT.get(config.model.arch, config.model.arch.replace("_", ""))
-    kind, _, rest = config.data.source.partition(":")
-    dataset = {"synthetic": "synthetic", "tfds": rest or "tfds"}.get(kind, "jump")
-    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M")
-    return f"{arch}{config.model.patch_size}-{dataset}-{config.data.strategy}-{stamp}"
 
 
 def _new_run_id() -> str:
