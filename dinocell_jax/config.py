@@ -118,6 +118,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.source = "synthetic"  # synthetic | loaddata:<csv|parquet> | folder:<dir> | tfds:<name>
     d.strategy = "multiview"  # multiview | average | stacked
     d.local_mean_p = 0.3  # multiview: a local crop is the channel mean with this probability
+    # stacked: global crop 2 and each local crop show one random stain alone (the other
+    # input channels zero) with this probability; the multi-view twist on a stacked input.
+    d.stacked_single_p = 0.0
     # Channel number of each stain in the microscope's files (JUMP channel_mapping.csv,
     # CPJUMP1/source_4); brightfield planes are read only when data.brightfield is set.
     d.channels = ml_collections.ConfigDict({"DNA": 5, "ER": 4, "RNA": 3, "AGP": 2, "Mito": 1})
@@ -266,6 +269,9 @@ def validate(config, n_devices: int) -> None:
             _fail(f"crops.{key}", f"{c[key]} must satisfy 0 < min <= max <= 1")
     if d.strategy not in STRATEGIES:
         _fail("data.strategy", f"{d.strategy!r} is not one of {STRATEGIES}")
+    for key in ("local_mean_p", "stacked_single_p"):
+        if not 0 <= d[key] <= 1:
+            _fail(f"data.{key}", f"{d[key]} is not a probability in [0, 1]")
     if d.input_norm not in INPUT_NORMS:
         _fail("data.input_norm", f"{d.input_norm!r} is not one of {INPUT_NORMS}")
     if config.loss.centering not in ("sinkhorn_knopp", "centering"):

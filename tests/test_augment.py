@@ -120,6 +120,24 @@ def test_views_are_deterministic_by_key():
     assert not np.allclose(np.asarray(a["local_crops"]), np.asarray(c["local_crops"]))
 
 
+def test_stacked_single_stains_zero_the_other_channels_with_their_probability():
+    fields, low, high = _ramp_batch()
+    full = views(jax.random.key(4), fields, low, high, STACKED_PLAIN)
+    mixed = views(jax.random.key(4), fields, low, high,
+                  dataclasses.replace(STACKED_PLAIN, stacked_single_p=0.5))
+    g_chan, l_chan = np.asarray(mixed["global_channel"]), np.asarray(mixed["local_channel"])
+    assert np.all(g_chan[0] == ALL_CHANNELS)  # the teacher's first view always has every stain
+    for name, chan in (("global_crops", g_chan), ("local_crops", l_chan)):
+        a, b = np.asarray(full[name]), np.asarray(mixed[name])
+        for n, i in zip(*np.nonzero(chan != ALL_CHANNELS)):
+            # One stain, as in the full crop (same key, same boxes), the others zero.
+            np.testing.assert_array_equal(b[n, i, ..., chan[n, i]], a[n, i, ..., chan[n, i]])
+            assert not np.any(np.delete(b[n, i], chan[n, i], axis=-1))
+        np.testing.assert_array_equal(b[chan == ALL_CHANNELS], a[chan == ALL_CHANNELS])
+    single = np.concatenate([g_chan[1], l_chan.ravel()]) != ALL_CHANNELS
+    assert 0.4 < single.mean() < 0.6 and set(l_chan[l_chan >= 0].tolist()) == {0, 1, 2, 3, 4}
+
+
 MULTIVIEW_FULL = AugmentConfig(global_size=G, local_size=S, n_local=8, global_scale=(1.0, 1.0),
                                strategy="multiview", local_mean_p=0.3, **PLAIN)
 
@@ -330,4 +348,12 @@ def test_input_norm_is_validated():
     config = config_lib.base_config()
     config.data.input_norm = "batch"
     with pytest.raises(config_lib.ConfigError, match="config.data.input_norm"):
+        config_lib.validate(config, 1)
+
+
+@pytest.mark.parametrize("key", ["local_mean_p", "stacked_single_p"])
+def test_view_probabilities_are_validated(key):
+    config = config_lib.base_config()
+    config.data[key] = 1.5
+    with pytest.raises(config_lib.ConfigError, match=f"config.data.{key}"):
         config_lib.validate(config, 1)

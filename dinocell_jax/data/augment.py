@@ -71,6 +71,7 @@ class AugmentConfig:
     solarize_p: float = 0.2  # global crop 2 only
     strategy: str = "multiview"
     local_mean_p: float = 0.3
+    stacked_single_p: float = 0.0
     input_norm: str = "fixed"
 
     def __post_init__(self):
@@ -97,7 +98,7 @@ class AugmentConfig:
 
     @classmethod
     def from_config(cls, config) -> AugmentConfig:
-        """From config.crops.* plus config.data.strategy and config.data.local_mean_p."""
+        """From config.crops.* plus config.data.strategy, local_mean_p, stacked_single_p and input_norm."""
         c = config.crops
         return cls(
             global_size=int(c.global_size),
@@ -115,6 +116,7 @@ class AugmentConfig:
             solarize_p=float(c.solarize_p),
             strategy=str(config.data.strategy),
             local_mean_p=float(config.data.local_mean_p),
+            stacked_single_p=float(config.data.stacked_single_p),
             input_norm=str(config.data.input_norm),
         )
 
@@ -288,6 +290,19 @@ def _check_batch(fields, norm_low, norm_high, who: str):
             raise ValueError(f"{who}: {name} must be [B, C] = {(b, c)}, got shape {tuple(arr.shape)}")
 
 
+def _single_stains(key, crops, chan, p: float, first_full: bool = False):
+    """Stacked crops [N, B, S, S, C] -> each (but the first of N when first_full) one random
+    stain alone with probability p, the other channels zeroed; chan [N, B] says which."""
+    n, b, c = crops.shape[0], crops.shape[1], crops.shape[-1]
+    u = jax.random.uniform(key, (2, n, b))
+    stain = jnp.minimum(jnp.floor(u[0] * c), c - 1).astype(jnp.int32)
+    single = u[1] < p
+    if first_full:
+        single = single.at[0].set(False)
+    keep = jnp.where(single[..., None], jax.nn.one_hot(stain, c, dtype=crops.dtype), 1.0)  # [N, B, C]
+    return crops * keep[:, :, None, None, :], jnp.where(single, stain, chan)
+
+
 def make_views(key, fields, norm_low, norm_high, aug: AugmentConfig, strategy: str | None = None) -> dict:
     """The multi-crop views of a batch of raw fields, on device, jittable.
 
@@ -300,7 +315,10 @@ def make_views(key, fields, norm_low, norm_high, aug: AugmentConfig, strategy: s
     MEAN_CHANNEL, ALL_CHANNELS). Cin = C for 'stacked', else 1.
     multiview: global 1 = channel mean, global 2 = one random channel, each local
     crop the mean with probability local_mean_p, else a random channel.
-    average: every crop from the mean. stacked: all channels (Cell-DINO).
+    average: every crop from the mean. stacked: all channels (Cell-DINO); with
+    aug.stacked_single_p > 0, global crop 2 and each local crop show one random
+    stain alone with that probability (the others zero after standardising, as the
+    channel views of `probe_views` are fed to a stacked network).
     """
     strategy = strategy or aug.strategy
     if strategy not in STRATEGIES:
@@ -356,6 +374,9 @@ def make_views(key, fields, norm_low, norm_high, aug: AugmentConfig, strategy: s
         jax.random.uniform(k_laug, (n_local, b, draws)), l_crops,
         jnp.full((n_local, b), aug.blur_p_local, jnp.float32), jnp.zeros((n_local, b), jnp.float32),
     )
+    if strategy == "stacked" and aug.stacked_single_p > 0:
+        g_crops, g_chan = _single_stains(k_chan, g_crops, g_chan, aug.stacked_single_p, first_full=True)
+        l_crops, l_chan = _single_stains(jax.random.fold_in(k_chan, 1), l_crops, l_chan, aug.stacked_single_p)
     return {
         "global_crops": g_crops,
         "local_crops": l_crops,
