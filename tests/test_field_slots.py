@@ -24,7 +24,7 @@ def worker(monkeypatch):
 def test_outside_workers_arrays_are_plain_and_hand_off_is_the_identity():
     assert field_slots._worker_slots is None
     a = field_slots.new_array((2, 3), np.uint16)
-    assert type(a) is np.ndarray and field_slots.hand_off(a) is a and field_slots.to_slot(a) is a
+    assert type(a) is np.ndarray and field_slots.hand_off(a) is a
 
 
 def test_a_handed_off_field_reaches_the_trainer_and_its_slot_is_reused_once_dropped(worker):
@@ -64,12 +64,14 @@ def test_a_slot_array_dropped_without_hand_off_frees_its_slot(worker):
     assert again.ref.name == name and len(worker) == 1
 
 
-def test_to_slot_copies_a_plain_array_into_a_slot(worker):
+def test_hand_off_copies_a_plain_array_into_a_slot(worker):
     plain = np.arange(12, dtype=np.uint16).reshape(3, 4)
-    copy = field_slots.to_slot(plain)
-    assert isinstance(copy, field_slots.SlotArray)
-    np.testing.assert_array_equal(copy, plain)
-    assert field_slots.to_slot(copy) is copy
+    ref = field_slots.hand_off(plain)
+    assert isinstance(ref, field_slots.SlotRef) and len(worker) == 1
+    view = field_slots.TrainerSlots().attach(ref)  # held: its slot stays in use
+    np.testing.assert_array_equal(view, plain)
+    in_slot = field_slots.new_array((3, 4), np.uint16)
+    assert field_slots.hand_off(in_slot) == in_slot.ref and len(worker) == 2  # no copy of its own
 
 
 def test_worker_processes_reuse_their_slots():

@@ -10,10 +10,12 @@ each) and reuses them: 14 workers on the H100 host's 16 cores went from ~270 to
 
 - Worker side (after `enable()`, which grain's worker start-up calls): `new_array`
   gives an array in a free slot of one of the worker's segments (a new segment when
-  none is free), marked in use. `hand_off` turns it into the `SlotRef` (segment name,
-  shape, dtype) that the record carries instead: grain pickles that small object. A
-  slot array dropped without being handed off (a field that failed after all) frees
-  its slot. Outside workers `new_array` is `np.empty` and `hand_off` the identity.
+  none is free), marked in use, for a field to be written straight into. `hand_off`
+  (pipeline.ReadField, for every source) turns a record's field into the `SlotRef`
+  (segment name, shape, dtype) the record carries instead, copying it into a slot
+  first if it is not in one: grain pickles that small object. A slot array dropped
+  without being handed off (a field that failed after all) frees its slot. Outside
+  workers `new_array` is `np.empty` and `hand_off` the identity.
 - Trainer side, `TrainerSlots.attach(ref)`: an array view of the slot. Each segment
   is mapped once and its name unlinked at once; the mapping stays while the worker may
   send the slot again. When the view (and whatever aliases it: a CPU jax array, a
@@ -75,7 +77,7 @@ class WorkerSlots:
         segment.buf[0] = _IN_USE
         array = np.ndarray(shape, dtype, buffer=segment.buf, offset=HEADER).view(SlotArray)
         array.ref = SlotRef(segment.name.lstrip("/"), size, tuple(shape), dtype.str)
-        array._unsent = weakref.finalize(array, _free_segment, segment)
+        array._unsent = weakref.finalize(array, _mark_free, segment.buf)
         return array
 
     def __len__(self) -> int:
@@ -86,7 +88,7 @@ _worker_slots: WorkerSlots | None = None
 
 
 def enable() -> None:
-    """From now on `new_array` and `to_slot` use this process's slots (grain workers only: the
+    """From now on `new_array` and `hand_off` use this process's slots (grain workers only: the
     trainer process must attach what they hand off, see `TrainerSlots`)."""
     global _worker_slots
     _worker_slots = _worker_slots or WorkerSlots()
@@ -99,20 +101,16 @@ def new_array(shape: tuple[int, ...], dtype) -> np.ndarray:
     return _worker_slots.new_array(tuple(shape), dtype)
 
 
-def to_slot(array: np.ndarray) -> np.ndarray:
-    """`array` itself outside workers or when it is already in a slot, else a copy in a slot."""
-    if _worker_slots is None or isinstance(array, SlotArray):
-        return array
-    copy = _worker_slots.new_array(array.shape, array.dtype)
-    np.copyto(copy, array, casting="no")
-    return copy
-
-
 def hand_off(value):
-    """A slot array -> its SlotRef, for the record sent to the trainer (which now owns the slot
-    until it drops its view); anything else as it is."""
-    if not isinstance(value, SlotArray) or value.ref is None:
+    """In a worker, an array -> the SlotRef of its slot (copied into one first unless it was
+    made in one by `new_array`), for the record sent to the trainer, which now owns the slot
+    until it drops its view. Outside workers, and for anything but an array, `value` itself."""
+    if _worker_slots is None or not isinstance(value, np.ndarray):
         return value
+    if not isinstance(value, SlotArray) or value.ref is None:  # a view of a slot array has no ref
+        copy = _worker_slots.new_array(value.shape, value.dtype)
+        np.copyto(copy, value, casting="no")
+        value = copy
     value._unsent.detach()
     return value.ref
 
@@ -129,7 +127,7 @@ class TrainerSlots:
         if mapped is None:
             mapped = self._maps[ref.name] = _map_and_unlink(ref)
         data = np.frombuffer(mapped, np.uint8, ref.size - HEADER, HEADER)
-        weakref.finalize(data, _free_mapping, mapped)
+        weakref.finalize(data, _mark_free, mapped)
         array = data.view(np.dtype(ref.dtype)).reshape(ref.shape)
         array.flags.writeable = False
         return array
@@ -160,11 +158,9 @@ def _map_and_unlink(ref: SlotRef) -> mmap.mmap:
     return mapped
 
 
-def _free_mapping(mapped: mmap.mmap) -> None:
-    if not mapped.closed:
-        mapped[0] = _FREE
-
-
-def _free_segment(segment: shared_memory.SharedMemory) -> None:
-    if segment.buf is not None:
-        segment.buf[0] = _FREE
+def _mark_free(buffer) -> None:
+    """Byte 0 of a slot (a worker's segment buffer, the trainer's mmap) back to free; a closed one stays as it is."""
+    try:
+        buffer[0] = _FREE
+    except ValueError:  # released memoryview or closed mmap: the process is shutting down
+        pass

@@ -109,7 +109,7 @@ class TfdsSource:
         if field.shape[-1] != int(self.data_cfg.field_size) or field.shape[-2] != int(self.data_cfg.field_size):
             field = crop_or_pad(field, int(self.data_cfg.field_size))
         record = {
-            "field": field_slots.to_slot(field),
+            "field": field,
             "norm_low": np.asarray(ex["norm_low"], np.float32),
             "norm_high": np.asarray(ex["norm_high"], np.float32),
             "label": int(ex["label"]),
@@ -201,7 +201,7 @@ class ReadField:
             record = self.source[int(index)]
         except ReadError as e:
             return {"error": str(e), "index": int(index)}
-        # In a worker the field is in a shared-memory slot: the trainer gets its reference.
+        # In a worker the field goes into a shared-memory slot: the trainer gets its reference.
         record["field"] = field_slots.hand_off(record["field"])
         return record
 

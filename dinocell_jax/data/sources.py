@@ -414,8 +414,9 @@ def finish_field(field, data_cfg, illumination=None) -> tuple[np.ndarray, np.nda
     factor, size = max(1, int(data_cfg.downscale)), int(data_cfg.field_size)
     illumination = [None] * len(field) if illumination is None else illumination
     shape = downscaled_shape((len(field), *field[0].shape), factor)
-    # In a grain worker the finished field goes into a shared-memory slot the trainer
-    # reads it from (field_slots): straight away when no crop or pad follows.
+    # In a grain worker a field that needs no crop or pad is written straight into the
+    # shared-memory slot the trainer reads it from (field_slots; any other is copied
+    # into one when handed off).
     out = (field_slots.new_array if shape[1:] == (size, size) else np.empty)(shape, np.uint16)
     for c, (plane, illum) in enumerate(zip(field, illumination)):
         if illum is not None:
@@ -427,7 +428,7 @@ def finish_field(field, data_cfg, illumination=None) -> tuple[np.ndarray, np.nda
             plane = _to_uint16(plane) if np.issubdtype(plane.dtype, np.floating) else np.clip(plane, 0, 65535).astype(np.uint16)
         out[c] = plane
     low, high = intensity_bounds(out, data_cfg.normalization, data_cfg.percentile_low, data_cfg.percentile_high)
-    out = field_slots.to_slot(crop_or_pad(out, size))
+    out = crop_or_pad(out, size)
     return out, np.asarray(low, np.float32), np.asarray(high, np.float32)
 
 
