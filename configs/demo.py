@@ -14,13 +14,22 @@ prototypes frozen for half the run. Run:
 
 To try the data-parallel path on one machine, simulate 8 devices:
 `XLA_FLAGS=--xla_force_host_platform_device_count=8 python -m dinocell_jax.train --config configs/demo.py`.
+
+`configs/demo.py:recipe=features` is the variant that learns phenotype features on
+these fields (the k-NN of `scripts/ssl_quality.py --recipe features`): all five
+stains as one input, fewer prototypes, no KoLeo, larger crops of 2x-downscaled
+fields (docs/BENCHMARKS.md, "Does pretraining learn?").
 """
 
 from dinocell_jax import config as config_lib
 
+RECIPES = ("demo", "features")
+
 
 def get_config(arg=None):
-    config_lib.parse_preset(arg, {})  # no presets: a stray `:x=1` fails instead of being ignored
+    recipe = config_lib.parse_preset(arg, {"recipe": "demo"})["recipe"]
+    if recipe not in RECIPES:
+        raise config_lib.ConfigError(f"preset 'recipe': {recipe!r} is not one of {RECIPES}")
     c = config_lib.base_config()
     c.seed = 0
 
@@ -95,4 +104,23 @@ def get_config(arg=None):
     c.eval.interval = 200
     c.eval.n_fields = 256
     c.eval.batch_size = 32
+    if recipe == "features":
+        _features_recipe(c)
     return c
+
+
+def _features_recipe(c) -> None:
+    """What the synthetic phenotypes need to show in the CLS token (each measured against the
+    demo in docs/BENCHMARKS.md). The phenotypes differ in the stains' intensity ratios,
+    which only a stacked input shows; the rest keeps the DINO head off the uniform output."""
+    c.data.strategy = "stacked"
+    c.wandb.tags = ("demo", "synthetic", "vit-custom", "patch-8", "stacked", "features")
+    c.data.downscale = 2  # more cells per crop
+    c.crops.local_size = 24  # 3 x 3 tokens: a 16 px local crop is too small to say much
+    c.crops.global_scale = (0.6, 1.0)  # views that overlap more: targets the student can predict
+    c.crops.local_scale = (0.2, 0.5)
+    c.heads.out_dim = 64  # Sinkhorn spreads the 64 global rows of a batch over fewer prototypes
+    c.loss.koleo_weight = 0.0  # spreads the CLS of fields alike in phenotype apart
+    c.loss.teacher_temp = c.loss.warmup_teacher_temp = 0.04
+    c.optim.lr = 3e-4
+    c.optim.freeze_last_layer_epochs = 1

@@ -1,8 +1,9 @@
 """Does the pretraining learn? A fixed-budget CPU run against the same network at random init.
 
 Trains configs/demo.py (a 4-block, 64-wide ViT/8 on 32 px crops of synthetic
-5-channel Cell Painting fields, multi-view) for `--steps` iterations with the
-real trainer, then evaluates the trained teacher and the untrained network it
+5-channel Cell Painting fields; multi-view, or with `--recipe features` the
+demo's stacked variant that learns phenotype features) for `--steps` iterations
+with the real trainer, then evaluates the trained teacher and the untrained network it
 started from on the same fields (dinocell_jax.evaluate):
 
 - k-NN top-1 of held-out plates' phenotypes against training-plate fields
@@ -17,6 +18,7 @@ started from on the same fields (dinocell_jax.evaluate):
 About 10 minutes on 2 CPU cores at the default budget. Ends with one JSON line:
 
     python scripts/ssl_quality.py                     # the benchmark
+    python scripts/ssl_quality.py --recipe features   # configs/demo.py:recipe=features
     python scripts/ssl_quality.py --steps 60 --config.eval.n_fields=64   # a smoke run
     python scripts/ssl_quality.py --require           # exit 1 when a target is missed
 
@@ -34,6 +36,7 @@ import shutil
 import sys
 import tempfile
 import time
+from typing import NamedTuple
 
 DEFAULT_STEPS = 3000  # ~0.2 s per step at batch 32 on 2 cores: ~10 minutes with compile and probes
 KNN_GAIN_TARGET = 0.25  # issue 7: k-NN at least 25 points above random init
@@ -47,12 +50,20 @@ EVAL_FIELDS = 1024
 DEMO_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "demo.py")
 
 
-def _split_args(argv: list[str]) -> tuple[int, str | None, bool, list[str]]:
-    steps, workdir, require, rest = DEFAULT_STEPS, None, False, []
+class Args(NamedTuple):
+    steps: int
+    workdir: str | None
+    require: bool
+    recipe: str  # the demo config's recipe preset
+    overrides: list[str]  # --config.* flags
+
+
+def _split_args(argv: list[str]) -> Args:
+    steps, workdir, require, recipe, rest = DEFAULT_STEPS, None, False, "demo", []
     i = 0
     while i < len(argv):
         flag, eq, inline = argv[i].partition("=")
-        if flag in ("--steps", "--workdir"):
+        if flag in ("--steps", "--workdir", "--recipe"):
             if not eq and i + 1 >= len(argv):
                 raise SystemExit(f"error: {flag}: needs a value")
             value = inline if eq else argv[i + 1]
@@ -64,6 +75,8 @@ def _split_args(argv: list[str]) -> tuple[int, str | None, bool, list[str]]:
                     raise SystemExit(f"error: --steps: {value!r} is not an integer") from None
                 if steps <= 0:
                     raise SystemExit(f"error: --steps: {steps} must be positive")
+            elif flag == "--recipe":
+                recipe = value
             else:
                 workdir = value
             continue
@@ -73,9 +86,9 @@ def _split_args(argv: list[str]) -> tuple[int, str | None, bool, list[str]]:
             rest.append(argv[i])
         else:
             raise SystemExit(f"error: {argv[i]}: unknown argument (ssl_quality takes --steps, --workdir, "
-                             "--require and --config.* overrides)")
+                             "--recipe, --require and --config.* overrides)")
         i += 1
-    return steps, workdir, require, rest
+    return Args(steps, workdir, require, recipe, rest)
 
 
 def _summary(prefix: str, metrics: dict) -> dict:
@@ -113,11 +126,11 @@ def run(argv: list[str]) -> dict:
     from dinocell_jax import cli, evaluate, train
     from dinocell_jax.ssl import step as step_lib
 
-    steps, workdir, _, overrides = _split_args(argv)
+    steps, workdir, _, recipe, overrides = _split_args(argv)
     own_tmp = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="ssl_quality-")
-    args = ["--config", DEMO_CONFIG, f"--config.train.steps={steps}", "--config.wandb.enabled=false",
-            "--config.train.progress_bar=false", "--config.eval.interval=0",
+    args = ["--config", f"{DEMO_CONFIG}:recipe={recipe}", f"--config.train.steps={steps}",
+            "--config.wandb.enabled=false", "--config.train.progress_bar=false", "--config.eval.interval=0",
             # The whole held-out plate (1024 fields at the demo's 4096 over 4 plates) and as many
             # reference fields: the k-NN on 256 queries had a sampling error of ~0.03, as much
             # as the differences between the variants compared with it (docs/BENCHMARKS.md).
@@ -136,7 +149,7 @@ def run(argv: list[str]) -> dict:
         trained_params, done = evaluate.restore_params(config, workdir)
         random_metrics = evaluator(random_params)
         trained_metrics = evaluator(trained_params)
-        report = {"steps": done, "seconds": round(time.perf_counter() - started, 1),
+        report = {"recipe": recipe, "steps": done, "seconds": round(time.perf_counter() - started, 1),
                   "train_seconds": round(train_seconds, 1),
                   "eval_fields": int(trained_metrics.get("eval/n_query", 0))}
         report |= _summary("random", random_metrics) | _summary("trained", trained_metrics)
@@ -157,7 +170,7 @@ def run(argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _, _, require, _ = _split_args(argv)
+    require = _split_args(argv).require
     report = run(argv)
     logging.shutdown()
     print(json.dumps(report, sort_keys=True), flush=True)

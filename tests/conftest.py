@@ -25,3 +25,9 @@ import pytest  # noqa: E402
 @pytest.fixture(scope="session", autouse=True)
 def _eight_devices():
     assert jax.device_count() == 8, "tests expect 8 simulated CPU devices"
+
+
+def pytest_collection_modifyitems(items):
+    # The minutes-long end-to-end runs first: under `pytest -n 2` a long test that starts
+    # last keeps one worker busy after the other has finished.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

@@ -159,8 +159,8 @@ def test_jump_recipe_carries_the_reference_numbers():
     assert dict(c.data.channels) == {"DNA": 5, "ER": 4, "RNA": 3, "AGP": 2, "Mito": 1}
 
 
-@pytest.mark.parametrize("name, devices", [("demo.py", 8)] + [(f, 1) for f in JUMP_FILES] + [
-    (f + ":gpus=8", 8) for f in JUMP_FILES])
+@pytest.mark.parametrize("name, devices", [("demo.py", 8), ("demo.py:recipe=features", 8)]
+                         + [(f, 1) for f in JUMP_FILES] + [(f + ":gpus=8", 8) for f in JUMP_FILES])
 def test_every_config_loads_and_validates(name, devices):
     config, workdir = cli.parse_config(["--config", os.path.join(ROOT, "configs", name)])
     config_lib.validate(config, devices)
@@ -178,6 +178,15 @@ def test_demo_is_small():
     assert c.model.arch == "vit_custom" and c.model.embed_dim <= 96 and c.model.depth <= 4
     assert c.train.batch_size % 8 == 0 and config_lib.total_steps(c) <= 600
     assert c.model.dtype == "float32" and c.wandb.offline and c.data.source == "synthetic"
+
+
+def test_demo_features_recipe_is_the_demo_with_stacked_inputs():
+    demo, features = cli.load_config(DEMO), cli.load_config(DEMO + ":recipe=features")
+    assert (demo.data.strategy, features.data.strategy) == ("multiview", "stacked")
+    assert (features.heads.out_dim, features.loss.koleo_weight, features.data.downscale) == (64, 0.0, 2)
+    assert features.model.to_dict() == demo.model.to_dict() and features.train.to_dict() == demo.train.to_dict()
+    with pytest.raises(config_lib.ConfigError, match="'recipe': 'fast' is not one of"):
+        cli.load_config(DEMO + ":recipe=fast")
 
 
 def test_auto_run_name_and_workdir():

@@ -26,8 +26,9 @@ def test_arguments_are_checked_before_any_work():
         script.main(["--steps", "many"])
     with pytest.raises(SystemExit, match="--bogus: unknown argument"):
         script.main(["--bogus"])
-    assert script._split_args(["--steps=7", "--config.optim.lr=0.01", "--require"]) == (
-        7, None, True, ["--config.optim.lr=0.01"])
+    assert script._split_args(["--steps=7", "--config.optim.lr=0.01", "--require", "--recipe", "features"]) == (
+        7, None, True, "features", ["--config.optim.lr=0.01"])
+    assert script._split_args([]).recipe == "demo"
 
 
 def test_dino_collapse_is_read_from_the_run(tmp_path):
@@ -42,30 +43,33 @@ def test_dino_collapse_is_read_from_the_run(tmp_path):
         script._dino_health(str(tmp_path), 1024)
 
 
-# Known defect (issue 7 stays open): the demo's DINO objective collapses to a uniform
-# head output (loss/dino ~ ln K within ~100 steps: two views of a synthetic field share
-# too little at init for the teacher's targets to be predictable), after which iBOT
-# learns patch content and KoLeo spreads the CLS; the features do not beat random init
-# at telling the phenotypes apart (1200 steps: k-NN 0.277 vs 0.289; docs/BENCHMARKS.md).
-# Strict: once the demo learns features this XPASSes and fails, and the mark must go.
-@pytest.mark.xfail(reason="demo features do not beat random init yet (see comment)", strict=True)
+# The demo's features recipe (all five stains as one input, configs/demo.py) at 1200 of the
+# benchmark's 3000 steps, evaluated on the whole held-out plate as the benchmark is (on fewer
+# fields the k-NN's sampling error is as large as the gain). Seeds 0 and 1 gained +0.100 and
+# +0.081 k-NN, +0.19 and +0.21 linear at 1200 steps; 800 steps gave only +0.049 both
+# (docs/BENCHMARKS.md). The margins are under half of that, above the ~0.04 by which
+# rounding-level code changes have moved a run's k-NN.
 @pytest.mark.slow
 def test_short_run_improves_knn_over_random_init(tmp_path):
     # A subprocess, as a user runs it: the trainer's wandb, tqdm and logging own
     # the process's stdio, which in-process would outlive pytest's capture.
+    # One CPU device, as the benchmark runs (not the suite's 8 simulated ones).
+    env = dict(os.environ, XLA_FLAGS=os.environ.get("XLA_FLAGS", "").replace(
+        "--xla_force_host_platform_device_count=8", "").strip())
     workdir = tmp_path / "run"
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--steps", "120", "--workdir", str(workdir),
-         "--config.eval.n_fields=64", "--config.eval.batch_size=32", "--config.wandb.log_interval=50"],
-        capture_output=True, text=True, timeout=900,
+        [sys.executable, str(SCRIPT), "--recipe", "features", "--steps", "1200", "--workdir", str(workdir),
+         "--config.wandb.log_interval=100"],
+        capture_output=True, text=True, timeout=1200, env=env,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     for key in ("knn_random", "knn_trained", "consistency_random", "consistency_trained",
                 "retrieval_random", "retrieval_trained", "steps", "seconds", "dino_loss_over_ln_k"):
         assert key in report, key
-    assert report["steps"] == 120 and report["eval_fields"] == 64
+    assert report["steps"] == 1200 and report["eval_fields"] == 1024 and report["recipe"] == "features"
     assert (workdir / "checkpoints" / str(report["steps"])).is_dir()  # the trained teacher was evaluated
-    assert report["knn_trained"] > report["knn_random"] + 0.05, report
+    assert report["knn_trained"] > report["knn_random"] + 0.04, report
+    assert report["linear_trained"] > report["linear_random"] + 0.1, report
     # held-out retrieval across stains: the trained network finds the same field more often
     assert report["retrieval_trained"] > report["retrieval_random"], report
