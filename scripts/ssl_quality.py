@@ -126,7 +126,8 @@ def run(argv: list[str]) -> dict:
     from dinocell_jax import cli, evaluate, train
     from dinocell_jax.ssl import step as step_lib
 
-    steps, workdir, _, recipe, overrides = _split_args(argv)
+    parsed = _split_args(argv)
+    steps, workdir, recipe = parsed.steps, parsed.workdir, parsed.recipe
     own_tmp = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="ssl_quality-")
     args = ["--config", f"{DEMO_CONFIG}:recipe={recipe}", f"--config.train.steps={steps}",
@@ -137,7 +138,7 @@ def run(argv: list[str]) -> dict:
             f"--config.eval.n_fields={EVAL_FIELDS}",
             # the pictures are not what this run measures: keep the budget for training
             "--config.wandb.log_attention_maps=false", "--config.wandb.log_feature_pca=false",
-            f"--config.checkpoint.interval={steps + 1}", *overrides, "--workdir", workdir]
+            f"--config.checkpoint.interval={steps + 1}", *parsed.overrides, "--workdir", workdir]
     try:
         started = time.perf_counter()
         train.main(args)
