@@ -246,6 +246,7 @@ def main(argv=None):
         "aug": not args.no_aug,
         "attention": config.model.attention_impl,
         "dtype": config.model.dtype,
+        "residual_dtype": config.model.residual_dtype,
         "loss": round(loss, 4),
         "jax": jax.__version__,
     }

@@ -157,6 +157,8 @@ def test_jump_recipe_carries_the_reference_numbers():
     assert (c.crops.global_scale, c.crops.local_scale, c.crops.n_local) == ((0.4, 1.0), (0.05, 0.4), 8)
     assert (c.data.field_size, c.data.local_mean_p, c.checkpoint.interval) == (1080, 0.3, 10000)
     assert dict(c.data.channels) == {"DNA": 5, "ER": 4, "RNA": 3, "AGP": 2, "Mito": 1}
+    # DINOv3's compute precision: bf16 compute and residual stream, fp32 parameters.
+    assert (c.model.dtype, c.model.residual_dtype) == ("bfloat16", "bfloat16")
 
 
 @pytest.mark.parametrize("name, devices", [("demo.py", 8), ("demo.py:recipe=features", 8)]

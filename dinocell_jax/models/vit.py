@@ -53,7 +53,9 @@ class ViTConfig:
     # The residual stream's dtype. bfloat16 is 5-8% faster on an H100 (every LayerNorm, drop
     # path and residual add moves half the bytes) but rounds away a block's update below
     # 1/256 of the stream: with LayerScale 1e-5 the blocks are invisible in the forward pass
-    # until their gains grow (DINOv2's own fp16 FSDP training had the same property).
+    # until their gains grow. DINOv3 trains that way (its FSDP2 param_dtype bf16 casts the
+    # gammas and tokens too), so the DINOCell config uses bfloat16; fp32 is the default here
+    # for the fp32 models that match torch.
     residual_dtype: str = "float32"
     ln_eps: float = 1e-6
     remat: bool = False  # recompute each block's activations in the backward pass
