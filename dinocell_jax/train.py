@@ -26,7 +26,7 @@ from dinocell_jax.data import pipeline
 from dinocell_jax.data.device_feed import DeviceFeed
 from dinocell_jax.data.sources import channel_list
 from dinocell_jax.monitor import logger as logger_lib
-from dinocell_jax.monitor.system import LoopTimer, system_metrics
+from dinocell_jax.monitor.system import DeviceStarvation, LoopTimer, system_metrics
 from dinocell_jax.ssl import optim
 from dinocell_jax.ssl import step as step_lib
 from dinocell_jax.ssl.schedules import Schedules
@@ -74,7 +74,7 @@ class _Reporter:
     moves the progress bar.
     """
 
-    def __init__(self, config, logger, feed: DeviceFeed, progress, timers: list[LoopTimer]):
+    def __init__(self, config, logger, feed: DeviceFeed, progress, timers: list[LoopTimer | DeviceStarvation]):
         self.config, self.logger, self.feed, self.progress = config, logger, feed, progress
         self.timers = timers
         self.accumulator = logger_lib.MetricAccumulator()
@@ -117,7 +117,7 @@ class _Reporter:
             scalars["training/iteration"] = done
             scalars["training/epoch"] = done / self.steps_per_epoch
             scalars |= {f"data/{k}": v for k, v in self.feed.stats().items()}  # since the start
-            for timer in self.timers:  # this interval: system/data_wait_s, system/data_wait_fraction, ...
+            for timer in self.timers:  # this interval: system/data_wait_s, system/device_starved_fraction, ...
                 scalars |= timer.pop()
             scalars |= system_metrics(jax.local_devices())
             self.logger.log_metrics(scalars, done)
@@ -264,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     # The loop waits for batches already on the devices (data_wait); a thread reads and
     # transfers them ahead of it (host_to_device). Started now, it also fills during compilation.
     data_wait, host_to_device = LoopTimer("data_wait"), LoopTimer("host_to_device")
+    starvation = DeviceStarvation()  # whether the step before had already finished at each dispatch
     feed = DeviceFeed(train_iter, device_batch, start_step, config.data.device_prefetch, host_to_device)
-    reporter = _Reporter(config, logger, feed, progress, [data_wait, host_to_device])
+    reporter = _Reporter(config, logger, feed, progress, [data_wait, host_to_device, starvation])
     # ---- Loop
     pending = None  # (step, metrics, step_time) of the step in flight
     last = time.perf_counter()
@@ -274,6 +275,8 @@ def main(argv: list[str] | None = None) -> int:
             for step in range(start_step, total_steps):
                 with data_wait.timing():
                     batch = next(feed)
+                if pending is not None:
+                    starvation.observe(pending[1]["loss/total"].is_ready())
                 state, metrics = train_step(state, batch)
                 if pending is not None:
                     reporter.report(*pending)

@@ -16,7 +16,9 @@ Throughput is train.batch_size / the mean step time over the logged windows
 after the first (which holds compilation). `input_wait_share` is the share of the
 wall time the loop spent waiting for its next batch on the devices
 (`system/data_wait_fraction`): time in which the device idles unless a step is still
-queued. The feeder thread's side: `host_to_device_share`, its share spent handing
+queued. `device_starved_share` is the share of steps dispatched after the step before
+had already finished (`system/device_starved_fraction`): each of those left the device
+idle for a while. The feeder thread's side: `host_to_device_share`, its share spent handing
 batches to the devices, and `collate_s_per_batch`, the trainer process's collation.
 
     python scripts/benchmark_train.py --config configs/vits8_jump_multiview.py --steps 300 \
@@ -74,6 +76,7 @@ def _read(workdir: str, batch: int) -> dict:
     collate = steady[-1].get("data/collate_s", 0.0) - rows[0].get("data/collate_s", 0.0)
     return {"images_per_s": round(batch / step, 1), "step_s": round(step, 5),
             "input_wait_share": share("system/data_wait_fraction"),
+            "device_starved_share": share("system/device_starved_fraction"),
             "collate_s_per_batch": round(collate / max(batches, 1), 5),
             "host_to_device_share": share("system/host_to_device_fraction"), "windows": len(steady)}
 
@@ -127,9 +130,10 @@ def main(argv=None) -> int:
         extra = results["dense"]["step_s"] - results["off"]["step_s"]
         out["picture_cost_s"] = round(extra / dense_events, 4)
         out["pictures_overhead_at_guide"] = round(extra / dense_events * guide_events / results["off"]["step_s"], 5)
-    print(f"{'mode':8s} {'images/s':>9s} {'step':>9s} {'input wait':>10s} {'collate':>9s} {'to device':>10s}")
+    print(f"{'mode':8s} {'images/s':>9s} {'step':>9s} {'input wait':>10s} {'starved':>8s} {'collate':>9s} {'to device':>10s}")
     for mode, r in results.items():
         print(f"{mode:8s} {r['images_per_s']:9.1f} {r['step_s']:9.4f} {100 * r['input_wait_share']:9.2f}% "
+              f"{100 * r['device_starved_share']:7.1f}% "
               f"{r['collate_s_per_batch']:8.4f}s {100 * r['host_to_device_share']:9.2f}%")
     print(json.dumps(out), flush=True)
     return 0

@@ -32,6 +32,7 @@ def test_benchmark_train_runs_the_real_trainer_at_toy_size(tmp_path):
     result = json.loads(proc.stdout.strip().splitlines()[-1])
     assert result["batch"] == 32 and result["off_windows"] == 1
     assert result["off_images_per_s"] > 0 and 0.0 <= result["off_input_wait_share"] < 1.0
+    assert 0.0 <= result["off_device_starved_share"] <= 1.0
     # the input wait split: collating 32 fields takes some time, handing them over too
     assert result["off_collate_s_per_batch"] > 0 and 0.0 < result["off_host_to_device_share"] < 1.0
 

@@ -1,12 +1,14 @@
 """Pictures, channel consistency and system metrics of monitor/ (no wandb here)."""
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from dinocell_jax.config import CHANNELS
 from dinocell_jax.monitor import figures
 from dinocell_jax.monitor.consistency import channel_consistency
-from dinocell_jax.monitor.system import LoopTimer, system_metrics
+from dinocell_jax.monitor.system import DeviceStarvation, LoopTimer, system_metrics
 
 LUMA = np.array([0.299, 0.587, 0.114])
 PATCH = 4
@@ -216,3 +218,15 @@ def test_loop_timer():
         now[0] += compute
     assert timer.pop() == {"system/data_wait_s": 1.0, "system/data_wait_fraction": 0.5}
     assert timer.pop() == {}
+
+
+def test_device_starvation_counts_dispatches_that_found_the_device_idle():
+    starvation = DeviceStarvation()
+    assert starvation.pop() == {}
+    slow = jax.jit(lambda x: x @ x @ x @ x)
+    done = jax.block_until_ready(slow(jnp.ones((512, 512))))
+    starvation.observe(done.is_ready())  # finished before the next dispatch: the device idled
+    for previous_done in (False, False, True):
+        starvation.observe(previous_done)
+    assert starvation.pop() == {"system/device_starved_fraction": 0.5}
+    assert starvation.pop() == {}

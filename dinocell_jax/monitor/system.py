@@ -2,7 +2,8 @@
 and the time the training loop waits for its input pipeline.
 
 The original spent ~95% of each step waiting for data; `system/data_wait_fraction`
-is the number that shows it.
+is the number that shows it, and `system/device_starved_fraction` whether the devices
+then actually idled.
 """
 
 from __future__ import annotations
@@ -132,3 +133,33 @@ class LoopTimer:
         if count == 0:
             return {}
         return {f"system/{self.name}_s": spent / count, f"system/{self.name}_fraction": spent / max(elapsed, 1e-12)}
+
+
+class DeviceStarvation:
+    """How often the devices ran dry: `system/device_starved_fraction`.
+
+    The loop dispatches step s while step s - 1 may still run. If step s - 1 had
+    already finished when step s was about to be dispatched, the devices sat idle in
+    between, however long the loop took (its input, its own host work, launching the
+    step). `system/data_wait_fraction` cannot tell this: the loop may wait for its
+    batch while the devices are still busy with a queued step. Near 0 is healthy; near
+    1 means the devices idle once every step (docs/MONITORING.md says what to look at).
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._steps = 0
+        self._starved = 0
+
+    def observe(self, previous_step_done: bool) -> None:
+        """Record one dispatch: whether the step before it had already finished."""
+        with self._lock:
+            self._steps += 1
+            self._starved += bool(previous_step_done)
+
+    def pop(self) -> dict[str, float]:
+        """The interval's fraction of dispatches that found the devices idle; empty if none."""
+        with self._lock:
+            steps, starved = self._steps, self._starved
+            self._steps = self._starved = 0
+        return {"system/device_starved_fraction": starved / steps} if steps else {}
