@@ -74,9 +74,9 @@ class _Reporter:
     moves the progress bar.
     """
 
-    def __init__(self, config, logger, feed: DeviceFeed, progress, timers: list[LoopTimer | DeviceStarvation]):
+    def __init__(self, config, logger, feed: DeviceFeed, progress, meters: list[LoopTimer | DeviceStarvation]):
         self.config, self.logger, self.feed, self.progress = config, logger, feed, progress
-        self.timers = timers
+        self.meters = meters  # the loop's interval measures: system/<...>, popped at each log step
         self.accumulator = logger_lib.MetricAccumulator()
         self.health = logger_lib.GradientHealth(config.wandb.grad_norm_high, config.wandb.grad_norm_low)
         self.total_steps = config_lib.total_steps(config)
@@ -117,8 +117,8 @@ class _Reporter:
             scalars["training/iteration"] = done
             scalars["training/epoch"] = done / self.steps_per_epoch
             scalars |= {f"data/{k}": v for k, v in self.feed.stats().items()}  # since the start
-            for timer in self.timers:  # this interval: system/data_wait_s, system/device_starved_fraction, ...
-                scalars |= timer.pop()
+            for meter in self.meters:  # this interval: system/data_wait_s, system/device_starved_fraction, ...
+                scalars |= meter.pop()
             scalars |= system_metrics(jax.local_devices())
             self.logger.log_metrics(scalars, done)
 
