@@ -114,7 +114,7 @@ def _features_recipe(c) -> None:
     demo in docs/BENCHMARKS.md). The phenotypes differ in the stains' intensity ratios,
     which only a stacked input shows; the rest keeps the DINO head off the uniform output."""
     c.data.strategy = "stacked"
-    c.wandb.tags = ("demo", "synthetic", "vit-custom", "patch-8", "stacked", "features")
+    c.wandb.tags = tuple(t for t in c.wandb.tags if t != "multiview") + ("stacked", "features")
     c.data.downscale = 2  # more cells per crop
     c.crops.local_size = 24  # 3 x 3 tokens: a 16 px local crop is too small to say much
     c.crops.global_scale = (0.6, 1.0)  # views that overlap more: targets the student can predict

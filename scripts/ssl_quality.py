@@ -121,12 +121,11 @@ def _dino_health(workdir: str, out_dim: int) -> dict:
             "dino_head_grad_norm": last.get("gradients/dino_head_norm")}
 
 
-def run(argv: list[str]) -> dict:
+def run(parsed: Args) -> dict:
     """Trains, evaluates both networks, returns the report (see the module docstring)."""
     from dinocell_jax import cli, evaluate, train
     from dinocell_jax.ssl import step as step_lib
 
-    parsed = _split_args(argv)
     steps, workdir, recipe = parsed.steps, parsed.workdir, parsed.recipe
     own_tmp = workdir is None
     workdir = workdir or tempfile.mkdtemp(prefix="ssl_quality-")
@@ -171,11 +170,11 @@ def run(argv: list[str]) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    require = _split_args(argv).require
-    report = run(argv)
+    parsed = _split_args(argv)
+    report = run(parsed)
     logging.shutdown()
     print(json.dumps(report, sort_keys=True), flush=True)
-    return 1 if require and not all(report["targets"].values()) else 0
+    return 1 if parsed.require and not all(report["targets"].values()) else 0
 
 
 if __name__ == "__main__":
