@@ -145,8 +145,9 @@ def to_global_batch(local_batch: dict, mesh) -> dict:
     """This process's part of the batch -> global jax.Arrays split on the batch axis.
 
     A value is a numpy array of this process's rows, or a list of its rows (each
-    [...]), which are sent to their devices one by one and stacked there: the host
-    never copies the whole part into one buffer (see `pipeline.collate`).
+    [...]). A list is sent row by row, never copied into one host buffer (see
+    `pipeline.collate`), and arrives as a tuple of "row positions" (`_rows_to_global`):
+    the step joins them with `join_rows`.
     """
     sharding = batch_sharding(mesh)
     return {
@@ -156,22 +157,40 @@ def to_global_batch(local_batch: dict, mesh) -> dict:
     }
 
 
-@jax.jit
-def _stack(rows):
-    return jax.numpy.stack(rows)
+def _rows_to_global(rows: list, sharding, mesh) -> tuple[jax.Array, ...]:
+    """Rows -> tuple of r global arrays [shards, ...]: position i holds row i of every device's block.
+
+    Every device holds a block of r rows of the global batch; row i of each block goes
+    into position i, one row per device. Each row is its own host-to-device copy, and
+    nothing runs on the devices until the step joins the positions (`join_rows`).
+    Stacking the rows on the device in a computation of its own, as this did before,
+    put that computation in the compute stream's queue ahead of the next step: the
+    copies wait for the step already running (the runtime orders them after the compute
+    stream), so the device sat idle for the whole transfer, ~15 ms a step for 1080 px
+    fields (docs/BENCHMARKS.md, input). Joined inside the step, the copies overlap the
+    step before instead.
+    """
+    n = len(rows) * jax.process_count()
+    shape = tuple(rows[0].shape)
+    first = process_rows(mesh, n).start  # global row of rows[0]
+    blocks = sharding.addressable_devices_indices_map((n,) + shape)
+    per_device = sharding.shard_shape((n,) + shape)[0]
+    devices, starts = list(blocks), [idx[0].indices(n)[0] - first for idx in blocks.values()]
+    positions = []
+    with jax.set_mesh(None):  # each copy goes to one device, not over the training mesh
+        for i in range(per_device):
+            shards = jax.device_put([rows[start + i][None] for start in starts], devices)
+            positions.append(jax.make_array_from_single_device_arrays((n // per_device,) + shape, sharding, shards))
+    return tuple(positions)
 
 
-def _rows_to_global(rows: list, sharding, mesh) -> jax.Array:
-    """make_array_from_process_local_data(sharding, np.stack(rows)), stacked on the devices."""
-    global_shape = (len(rows) * jax.process_count(),) + tuple(rows[0].shape)
-    first = process_rows(mesh, global_shape[0]).start  # global row of rows[0]
-    index_map = sharding.addressable_devices_indices_map(global_shape)
-    shards = []
-    with jax.set_mesh(None):  # each stack is a one-device computation, not one over the training mesh
-        for device, idx in index_map.items():
-            start, stop, _ = idx[0].indices(global_shape[0])
-            shards.append(_stack(jax.device_put(rows[start - first: stop - first], device)))
-    return jax.make_array_from_single_device_arrays(global_shape, sharding, shards)
+def join_rows(value):
+    """A batch value as one [B, ...] array: `value` itself, or the row positions of
+    `to_global_batch` joined back into the batch's row order (inside the jitted step)."""
+    if not isinstance(value, (tuple, list)):
+        return value
+    stacked = jax.numpy.stack(value, axis=1)  # [shards, rows per shard, ...]: shard d's block in order
+    return stacked.reshape((-1,) + stacked.shape[2:])
 
 
 # ----------------------------------------------------------------------------- multi-host

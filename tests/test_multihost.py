@@ -132,7 +132,7 @@ def test_process_rows_and_barrier_in_one_process():
     parallel.barrier("alone", timeout_s=1)  # one process: returns at once
 
 
-def test_rows_stacked_on_their_devices_equal_the_stacked_batch():
+def test_rows_sent_one_by_one_join_into_the_stacked_batch_inside_jit():
     mesh = parallel.make_mesh(tiny_config())
     rng = np.random.default_rng(0)
     rows = [rng.integers(0, 65535, (2, 4, 4), dtype=np.uint16) for _ in range(16)]
@@ -140,11 +140,17 @@ def test_rows_stacked_on_their_devices_equal_the_stacked_batch():
     with jax.set_mesh(mesh):  # as in the training loop
         from_rows = parallel.to_global_batch({"field": rows, "norm_low": low}, mesh)
     stacked = parallel.to_global_batch({"field": np.stack(rows), "norm_low": low}, mesh)
-    assert from_rows["field"].sharding == stacked["field"].sharding == parallel.batch_sharding(mesh)
-    assert len(from_rows["field"].addressable_shards) == 8
-    for a, b in zip(from_rows["field"].addressable_shards, stacked["field"].addressable_shards):
+    sharding = parallel.batch_sharding(mesh)
+    # 16 rows on 8 devices: two positions, each one row per device, nothing computed yet.
+    assert isinstance(from_rows["field"], tuple) and len(from_rows["field"]) == 2
+    for position in from_rows["field"]:
+        assert position.shape == (8, 2, 4, 4) and position.sharding == sharding
+    joined = jax.jit(parallel.join_rows, in_shardings=sharding, out_shardings=sharding)(from_rows["field"])
+    assert joined.sharding == stacked["field"].sharding == sharding
+    for a, b in zip(joined.addressable_shards, stacked["field"].addressable_shards):
         assert a.device == b.device and a.index == b.index
         np.testing.assert_array_equal(np.asarray(a.data), np.asarray(b.data))
+    assert parallel.join_rows(stacked["field"]) is stacked["field"]
     np.testing.assert_array_equal(np.asarray(from_rows["norm_low"]), low)
 
 

@@ -1,7 +1,7 @@
 """The training loop's input: the next batches already on the devices.
 
 A thread takes each host batch from the data iterator and hands it to the
-devices (`make_batch`: masks, transfer, stacking) while the step before it runs,
+devices (`make_batch`: masks, transfer) while the step before it runs,
 so the loop's own thread only dispatches steps and reports. On 1080 px fields the
 transfer alone is ~0.08 s of CPU per batch of 64 on the H100 host; done on the
 loop's thread it adds to the loop's host time per step, and the loop falls behind

@@ -308,7 +308,7 @@ def make_train_step(config, models: Models, optimizer, schedules: Schedules, n_d
         k_aug, k_drop = jax.random.split(key)
         if augment_on_device:
             views = augment.make_views(
-                k_aug, batch["field"], batch["norm_low"], batch["norm_high"], aug_cfg
+                k_aug, parallel.join_rows(batch["field"]), batch["norm_low"], batch["norm_high"], aug_cfg
             )
         else:
             views = {k: jnp.swapaxes(batch[k], 0, 1) for k in ("global_crops", "local_crops")}
