@@ -92,8 +92,12 @@ def test_loaddata_url_form_divides_by_illumination_exactly(tmp_path):
     pd.DataFrame([row]).to_csv(tmp_path / "load_data_with_illum.csv", index=False)
 
     corrected = pipeline.make_source(make_config(f"loaddata:{tmp_path}"))[0]  # a folder: picks *_with_illum
-    want = np.rint(np.stack(raw) / np.stack(illum)).astype(np.uint16)
+    want = np.rint(np.divide(np.stack(raw), np.stack(illum), dtype=np.float32)).astype(np.uint16)
     np.testing.assert_array_equal(corrected["field"], want)
+    # float32 against float64: only quotients at a half apart, by one count.
+    in_float64 = np.rint(np.stack(raw) / np.stack(illum))
+    off = np.abs(corrected["field"] - in_float64)
+    assert off.max() <= 1 and np.mean(off > 0) < 1e-3
     assert corrected["site"] == "3"
 
     plain = pipeline.make_source(make_config(f"loaddata:{tmp_path}", illumination=False))[0]
@@ -218,7 +222,7 @@ def test_finish_field_divides_by_illumination_in_blocks_as_on_the_whole_plane(do
     c = make_config("synthetic", field_size=150 // downscale, downscale=downscale)
     out, _, _ = sources.finish_field(list(raw), c.data, illum)
     for ch in range(2):
-        whole = sources.downscale(np.divide(raw[ch], illum[ch], dtype=np.float64)[None], downscale)[0]
+        whole = sources.downscale(np.divide(raw[ch], illum[ch], dtype=sources.CORRECTION_DTYPE)[None], downscale)[0]
         want = sources.crop_or_pad(sources._to_uint16(whole)[None], 150 // downscale)[0]
         np.testing.assert_array_equal(out[ch], want)
     assert out[1].max() == 65535  # the overflowing channel was scaled as a whole
