@@ -163,12 +163,12 @@ def _rows_to_global(rows: list, sharding, mesh) -> tuple[jax.Array, ...]:
     Every device holds a block of r rows of the global batch; row i of each block goes
     into position i, one row per device. Each row is its own host-to-device copy, and
     nothing runs on the devices until the step joins the positions (`join_rows`).
-    Stacking the rows on the device in a computation of its own, as this did before,
-    put that computation in the compute stream's queue ahead of the next step: the
-    copies wait for the step already running (the runtime orders them after the compute
-    stream), so the device sat idle for the whole transfer, ~15 ms a step for 1080 px
-    fields (docs/BENCHMARKS.md, input). Joined inside the step, the copies overlap the
-    step before instead.
+    Why not stack them on the device first: that stack would be a computation of its
+    own, queued on the compute stream after the running step and before the next one.
+    The copies it waits for wait in turn for the running step (the runtime orders
+    them after the compute stream), so the device would idle for the whole transfer,
+    ~15 ms a step for 1080 px fields (docs/BENCHMARKS.md, input). Joined inside the
+    step, the copies overlap the step before.
     """
     n = len(rows) * jax.process_count()
     shape = tuple(rows[0].shape)
