@@ -171,18 +171,18 @@ def phenotypic_activity(profiles: np.ndarray, meta: pd.DataFrame, control_label:
       `eval/phenotypic_activity_perturbations`; None when copairs is not installed
       or the wells hold no replicate pairs against controls (logged, one line).
     """
+    meta = meta.reset_index(drop=True).copy()
+    is_control = (meta["label"] == control_label).to_numpy()
+    if not is_control.any():
+        log.warning("eval: no negative-control wells (label %s) among the held-out wells; "
+                    "eval/phenotypic_activity_map skipped", control_label)
+        return None
     try:
         from copairs import map as copairs_map
         from copairs.matching import UnpairedException
     except ImportError:
         log.warning("eval: copairs is not installed (pip install 'dinocell_jax[eval]'); "
                     "eval/phenotypic_activity_map skipped")
-        return None
-    meta = meta.reset_index(drop=True).copy()
-    is_control = (meta["label"] == control_label).to_numpy()
-    if not is_control.any():
-        log.warning("eval: no negative-control wells (label %s) among the held-out wells; "
-                    "eval/phenotypic_activity_map skipped", control_label)
         return None
     # Each control well gets its own reference index, so controls never pair as
     # replicates of one another, and perturbations pair only with controls as negatives.
