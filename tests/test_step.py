@@ -65,22 +65,6 @@ def test_eight_devices_equal_one_device():
     chex.assert_trees_all_close(state8.teacher, state1.teacher, rtol=1e-4, atol=1e-6)
 
 
-def test_rows_sent_one_by_one_train_as_the_stacked_batch():
-    # The trainer sends each field to its device on its own (`to_global_batch` of a list);
-    # the step joins them back in the stacked batch's row order.
-    config = tiny_config()
-    mesh, state, shardings, batch_sh, fn = _setup(config, jax.devices())
-    step = jax.jit(fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, None))
-    host = _host_batch(config, 0)
-    with jax.set_mesh(mesh):
-        rows = parallel.to_global_batch(host | {"field": list(host["field"])}, mesh)
-    assert isinstance(rows["field"], tuple)
-    _, from_rows = step(state, rows)
-    _, from_stack = step(state, jax.device_put(host, batch_sh))
-    for key in ("loss/dino", "loss/ibot", "loss/koleo", "loss/total", "gradients/global_norm"):
-        np.testing.assert_allclose(from_rows[key], from_stack[key], rtol=1e-6, err_msg=key)
-
-
 def test_step_compiles_once_and_losses_are_finite():
     config = tiny_config()
     mesh, state, shardings, batch_sh, fn = _setup(config, jax.devices())
