@@ -177,17 +177,16 @@ def _rows_to_global(rows: list, sharding, mesh) -> tuple[jax.Array, ...]:
     per_device = sharding.shard_shape((n,) + shape)[0]
     devices, starts = list(blocks), [idx[0].indices(n)[0] - first for idx in blocks.values()]
     positions = []
-    with jax.set_mesh(None):  # each copy goes to one device, not over the training mesh
-        for i in range(per_device):
-            shards = jax.device_put([rows[start + i][None] for start in starts], devices)
-            positions.append(jax.make_array_from_single_device_arrays((n // per_device,) + shape, sharding, shards))
+    for i in range(per_device):
+        shards = jax.device_put([rows[start + i][None] for start in starts], devices)
+        positions.append(jax.make_array_from_single_device_arrays((n // per_device,) + shape, sharding, shards))
     return tuple(positions)
 
 
 def join_rows(value):
     """A batch value as one [B, ...] array: `value` itself, or the row positions of
     `to_global_batch` joined back into the batch's row order (inside the jitted step)."""
-    if not isinstance(value, (tuple, list)):
+    if not isinstance(value, tuple):
         return value
     stacked = jax.numpy.stack(value, axis=1)  # [shards, rows per shard, ...]: shard d's block in order
     return stacked.reshape((-1,) + stacked.shape[2:])

@@ -16,8 +16,8 @@ import pytest
 import tifffile
 
 from dinocell_jax import config as config_lib
-from dinocell_jax.data import pipeline, sources
-from dinocell_jax.data.sources import FileReader, ReadError
+from dinocell_jax.data import pipeline
+from dinocell_jax.data.sources import CORRECTION_DTYPE, FileReader, ReadError
 
 pytest.importorskip("moto.server")
 from moto.server import ThreadedMotoServer  # noqa: E402
@@ -143,7 +143,7 @@ def upload_fields(client, n_fields=3):
             row[f"FileName_Orig{stain}"], row[f"PathName_Orig{stain}"] = name, image_dir
             row[f"FileName_Illum{stain}"] = f"BR00116991_Illum{stain}.npy"
             row[f"PathName_Illum{stain}"] = illum_dir
-            planes.append(np.rint(np.divide(arr, illum[stain], dtype=sources.CORRECTION_DTYPE)).astype(np.uint16))
+            planes.append(np.rint(np.divide(arr, illum[stain], dtype=CORRECTION_DTYPE)).astype(np.uint16))
             keys[well][stain] = key
         expected[well] = np.stack(planes)
         rows.append(row)

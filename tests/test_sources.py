@@ -92,7 +92,7 @@ def test_loaddata_url_form_divides_by_illumination_exactly(tmp_path):
     pd.DataFrame([row]).to_csv(tmp_path / "load_data_with_illum.csv", index=False)
 
     corrected = pipeline.make_source(make_config(f"loaddata:{tmp_path}"))[0]  # a folder: picks *_with_illum
-    want = np.rint(np.divide(np.stack(raw), np.stack(illum), dtype=np.float32)).astype(np.uint16)
+    want = np.rint(np.divide(np.stack(raw), np.stack(illum), dtype=sources.CORRECTION_DTYPE)).astype(np.uint16)
     np.testing.assert_array_equal(corrected["field"], want)
     # float32 against float64: only quotients at a half apart, by one count.
     in_float64 = np.rint(np.stack(raw) / np.stack(illum))

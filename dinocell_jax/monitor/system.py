@@ -144,22 +144,20 @@ class DeviceStarvation:
     step). `system/data_wait_fraction` cannot tell this: the loop may wait for its
     batch while the devices are still busy with a queued step. Near 0 is healthy; near
     1 means the devices idle once every step (docs/MONITORING.md says what to look at).
+    Observed and popped on the loop's thread only, unlike the feeder's LoopTimer.
     """
 
     def __init__(self):
-        self._lock = threading.Lock()
         self._steps = 0
         self._starved = 0
 
     def observe(self, previous_step_done: bool) -> None:
         """Record one dispatch: whether the step before it had already finished."""
-        with self._lock:
-            self._steps += 1
-            self._starved += bool(previous_step_done)
+        self._steps += 1
+        self._starved += bool(previous_step_done)
 
     def pop(self) -> dict[str, float]:
         """The interval's fraction of dispatches that found the devices idle; empty if none."""
-        with self._lock:
-            steps, starved = self._steps, self._starved
-            self._steps = self._starved = 0
+        steps, starved = self._steps, self._starved
+        self._steps = self._starved = 0
         return {"system/device_starved_fraction": starved / steps} if steps else {}
