@@ -21,12 +21,13 @@ import dataclasses
 import logging
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, MutableMapping
 
 import jax
 import numpy as np
 from jax.sharding import AxisType, NamedSharding
 
+from dinocell_jax.config import ConfigError
 from dinocell_jax.ssl.optim import param_paths
 
 BATCH_AXES = ("data", "fsdp")
@@ -319,6 +320,23 @@ def detect_launch(config, env: Mapping[str, str] | None = None) -> Launch | None
             f"[0, num_processes={launch.num_processes})"
         )
     return launch
+
+
+MEMORY_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+
+
+def set_memory_fraction(config, env: MutableMapping[str, str] | None = None) -> None:
+    """Lets JAX's GPU allocator take `train.device_memory_fraction` of each GPU's memory.
+
+    Must run before the first JAX call that starts a backend (JAX reads the variable
+    then). An `XLA_PYTHON_CLIENT_MEM_FRACTION` already in the environment is the
+    user's choice and is kept. The CPU backend ignores it.
+    """
+    env = os.environ if env is None else env
+    fraction = config.train.device_memory_fraction
+    if not 0.0 < fraction <= 1.0:
+        raise ConfigError(f"config.train.device_memory_fraction: {fraction} must be in (0, 1]")
+    env.setdefault(MEMORY_FRACTION_ENV, str(fraction))
 
 
 def initialize(config, env: Mapping[str, str] | None = None) -> Launch | None:

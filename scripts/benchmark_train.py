@@ -70,6 +70,9 @@ def _read(workdir: str, batch: int) -> dict:
     def share(key):
         return round(float(np.mean([r.get(key, 0.0) for r in steady])), 4)
 
+    def gib(key):
+        return round(max(r.get(key, 0.0) for r in rows) * 1e9 / 2**30, 2)
+
     # The trainer's collation of the workers' fields (a cumulative counter, differenced
     # over the steady windows).
     batches = steady[-1]["training/iteration"] - rows[0]["training/iteration"]
@@ -78,7 +81,9 @@ def _read(workdir: str, batch: int) -> dict:
             "input_wait_share": share("system/data_wait_fraction"),
             "device_starved_share": share("system/device_starved_fraction"),
             "collate_s_per_batch": round(collate / max(batches, 1), 5),
-            "host_to_device_share": share("system/host_to_device_fraction"), "windows": len(steady)}
+            "host_to_device_share": share("system/host_to_device_fraction"), "windows": len(steady),
+            # the allocator's peak and limit on the fullest device (the trainer logs GB; 0 on CPU)
+            "peak_mem_gib": gib("system/gpu_memory_peak_gb"), "mem_limit_gib": gib("system/gpu_memory_limit_gb")}
 
 
 def main(argv=None) -> int:

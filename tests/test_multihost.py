@@ -23,6 +23,7 @@ import pytest
 
 from dinocell_jax import checkpoint as ckpt_lib
 from dinocell_jax import cli, parallel
+from dinocell_jax.config import ConfigError
 from dinocell_jax.data import pipeline
 from dinocell_jax.ssl import optim
 from dinocell_jax.ssl import step as step_lib
@@ -124,6 +125,19 @@ def test_incomplete_or_inconsistent_launch_names_the_setting():
     with pytest.raises(parallel.DistributedError, match="local_device_ids='0;1'"):
         parallel.detect_launch(_config(coordinator_address="h:1", num_processes=2, process_id=0,
                                        local_device_ids="0;1"), env={})
+
+
+def test_memory_fraction_is_set_unless_the_user_set_it():
+    config = tiny_config()
+    env = {}
+    parallel.set_memory_fraction(config, env)
+    assert env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}  # JAX's own 0.75 cannot hold batch 128 on 80 GB
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
+    parallel.set_memory_fraction(config, env)
+    assert env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
+    config.train.device_memory_fraction = 1.5
+    with pytest.raises(ConfigError, match="train.device_memory_fraction: 1.5"):
+        parallel.set_memory_fraction(config, {})
 
 
 def test_process_rows_and_barrier_in_one_process():

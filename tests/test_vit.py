@@ -1,6 +1,7 @@
 """The ViT backbone: parity with DINOv2's PyTorch ViT-S/8, position encodings, attention kernels, drop path."""
 
 import math
+import re
 
 import jax
 import jax.numpy as jnp
@@ -8,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from flax import nnx
+from jax.ad_checkpoint import print_saved_residuals
 
 from dinocell_jax import config as config_lib
 from dinocell_jax.models import vit as vit_lib
@@ -191,12 +193,14 @@ def test_backbone_padded_once_for_fused_attention_equals_unpadded(monkeypatch, p
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=0.05 * float(jnp.max(jnp.abs(b))) + 1e-6)
 
 
-def test_remat_gives_the_same_gradients():
+@pytest.mark.parametrize("remat", ["remat", "remat_mlp"])
+def test_remat_gives_the_same_gradients(remat):
     images = jax.random.normal(jax.random.key(1), (4, 16, 16, 1))
     params = nnx.split(VisionTransformer(_tiny(drop_path_rate=0.2), rngs=nnx.Rngs(0)), nnx.Param)[1]
 
-    def grads(remat):
-        graphdef = nnx.split(VisionTransformer(_tiny(drop_path_rate=0.2, remat=remat), rngs=nnx.Rngs(0)), nnx.Param)[0]
+    def grads(on):
+        graphdef = nnx.split(VisionTransformer(_tiny(drop_path_rate=0.2, **{remat: on}), rngs=nnx.Rngs(0)),
+                             nnx.Param)[0]
 
         def loss(p):
             return _readout(nnx.merge(graphdef, p)(images, drop_path_key=jax.random.key(3)))
@@ -205,6 +209,20 @@ def test_remat_gives_the_same_gradients():
 
     for a, b in zip(jax.tree_util.tree_leaves(grads(True)), jax.tree_util.tree_leaves(grads(False))):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=1e-5)  # fp32 recomputed
+
+
+def test_remat_mlp_keeps_only_fc1_output_of_the_hidden_width(capsys):
+    images = jnp.zeros((2, 16, 16, 1))
+
+    def hidden_wide_residuals(remat_mlp):
+        model = VisionTransformer(_tiny(dtype="bfloat16", remat_mlp=remat_mlp), rngs=nnx.Rngs(0))
+        graphdef, params = nnx.split(model, nnx.Param)
+        print_saved_residuals(lambda p: _readout(nnx.merge(graphdef, p)(images)), params)
+        lines = capsys.readouterr().out.splitlines()
+        return sum(bool(re.match(r"\w+\[2,\d+,128\]", line.strip())) for line in lines)  # [images, tokens, 4 x 32]
+
+    assert hidden_wide_residuals(True) == 2  # fc1's output, one per block
+    assert hidden_wide_residuals(False) > 2  # also GELU's output and the tanh form's intermediates
 
 
 def test_bf16_residual_stream_stays_close_to_fp32():

@@ -59,6 +59,7 @@ class ViTConfig:
     residual_dtype: str = "float32"
     ln_eps: float = 1e-6
     remat: bool = False  # recompute each block's activations in the backward pass
+    remat_mlp: bool = False  # keep only fc1's output of each MLP; recompute its GELU in the backward pass
 
     def __post_init__(self):
         def fail(field, msg):
@@ -143,6 +144,7 @@ def vit_config_from(model_cfg, in_chans: int) -> ViTConfig:
         dtype=str(m.dtype),
         residual_dtype=str(m.residual_dtype),
         remat=bool(m.remat),
+        remat_mlp=bool(m.remat_mlp),
     )
     if m.arch == "vit_custom":
         return ViTConfig(
@@ -402,9 +404,21 @@ class Mlp(nnx.Module):
         # 5e-4 from erf (at x = +-2.7), under the rounding of the bf16 activation it is
         # stored in wherever |gelu| > 0.25; fp32 keeps erf, which the torch parity tests pin.
         self.approximate_gelu = cfg.reduced_precision
+        self.remat = cfg.remat_mlp
 
     def __call__(self, x):
-        return self.fc2(jax.nn.gelu(self.fc1(x), approximate=self.approximate_gelu))
+        approximate = self.approximate_gelu
+
+        def gelu_fc2(fc2: Linear, h: jax.Array) -> jax.Array:
+            return fc2(jax.nn.gelu(h, approximate=approximate))
+
+        if self.remat:
+            # The backward pass keeps only fc1's output h and recomputes GELU(h) for fc2's
+            # gradients (fc2's matmul is not rerun: nothing in the backward needs its output).
+            # The 4x-wide GELU output and the tanh form's intermediates are most of a block's
+            # saved activations; recomputing them costs one elementwise pass.
+            gelu_fc2 = nnx.remat(gelu_fc2)
+        return gelu_fc2(self.fc2, self.fc1(x))
 
 
 class Attention(nnx.Module):
