@@ -97,11 +97,16 @@ def base_config() -> ml_collections.ConfigDict:
     t.batch_size = 80  # global batch of fields (DINOCell: 80 per GPU)
     t.epoch_length = 1000  # OFFICIAL_EPOCH_LENGTH
     t.steps = -1  # > 0 overrides epochs * epoch_length; schedules stretch to it
+    # > 0: this run ends at that step (a checkpoint, exit 0) while the schedules still span the
+    # whole run; the same command resumes it. For jobs with a time limit, and short test runs
+    # that stop in the middle of a longer schedule.
+    t.stop_after = -1
     t.max_bad_steps = 10  # consecutive non-finite steps before the run stops
     t.progress_bar = True
     # Share of each GPU's memory JAX's allocator may take (XLA_PYTHON_CLIENT_MEM_FRACTION,
-    # which wins when set). JAX's own 0.75 leaves an 80 GB H100 59 GiB; the DINOCell step at
-    # batch 128 per GPU peaks at 69.5 GiB, plus 1.4 GiB per prefetched batch of 1080 px fields.
+    # which wins when set). JAX's own 0.75 leaves an 80 GB H100 59 GiB, less than the DINOCell
+    # step's 69.5 GiB peak at batch 128 per GPU (50.4 with model.remat_mlp, which the trainer
+    # at that batch also needs: docs/BENCHMARKS.md, twelfth session).
     t.device_memory_fraction = 0.95
 
     c.crops = cr = ml_collections.ConfigDict()
@@ -300,6 +305,8 @@ def validate(config, n_devices: int) -> None:
         _fail("train.batch_size", "KoLeo needs at least 2 fields per device (or set loss.koleo_group_size)")
     if total_steps(config) <= 0:
         _fail("train.steps", "the run has no steps (optim.epochs x train.epoch_length <= 0)")
+    if config.train.stop_after == 0 or config.train.stop_after < -1:
+        _fail("train.stop_after", f"{config.train.stop_after} must be a step > 0, or -1 for the whole run")
     o = config.optim
     if o.epochs <= 0:
         _fail("optim.epochs", f"{o.epochs} must be positive (an epoch is total steps / optim.epochs)")

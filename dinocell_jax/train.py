@@ -217,6 +217,8 @@ def main(argv: list[str] | None = None) -> int:
         if config.model.init_from:
             state = ckpt_lib.load_pretrained(state, config, config.model.init_from)
     start_step = int(state.step)
+    stop_after = config.train.stop_after
+    end_step = total_steps if stop_after < 0 else min(stop_after, total_steps)  # this run's last step
 
     # ---- Steps
     batch_shard = parallel.batch_sharding(mesh)
@@ -273,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
     last = time.perf_counter()
     try:
         with jax.set_mesh(mesh):  # drop path draws its subset per device, as DINOv2 per GPU
-            for step in range(start_step, total_steps):
+            for step in range(start_step, end_step):
                 with data_wait.timing():
                     batch = next(feed)
                 if pending is not None:

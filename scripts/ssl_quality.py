@@ -20,6 +20,8 @@ About 10 minutes on 2 CPU cores at the default budget. Ends with one JSON line:
     python scripts/ssl_quality.py                     # the benchmark
     python scripts/ssl_quality.py --recipe features   # configs/demo.py:recipe=features
     python scripts/ssl_quality.py --steps 60 --config.eval.n_fields=64   # a smoke run
+    python scripts/ssl_quality.py --recipe features --steps 1500 --config.train.stop_after=750
+                                                      # the CI test's run: step 750 of 1500
     python scripts/ssl_quality.py --require           # exit 1 when a target is missed
 
 Further `--config.*` flags override the demo config; `--workdir` keeps the run
@@ -124,6 +126,7 @@ def _dino_health(workdir: str, out_dim: int) -> dict:
 def run(parsed: Args) -> dict:
     """Trains, evaluates both networks, returns the report (see the module docstring)."""
     from dinocell_jax import cli, evaluate, train
+    from dinocell_jax import config as config_lib
     from dinocell_jax.ssl import step as step_lib
 
     steps, workdir, recipe = parsed.steps, parsed.workdir, parsed.recipe
@@ -149,7 +152,8 @@ def run(parsed: Args) -> dict:
         trained_params, done = evaluate.restore_params(config, workdir)
         random_metrics = evaluator(random_params)
         trained_metrics = evaluator(trained_params)
-        report = {"recipe": recipe, "steps": done, "seconds": round(time.perf_counter() - started, 1),
+        report = {"recipe": recipe, "steps": done, "schedule_steps": config_lib.total_steps(config),
+                  "seconds": round(time.perf_counter() - started, 1),
                   "train_seconds": round(train_seconds, 1),
                   "eval_fields": int(trained_metrics.get("eval/n_query", 0))}
         report |= _summary("random", random_metrics) | _summary("trained", trained_metrics)

@@ -119,6 +119,9 @@ def test_apply_overrides_from_wandb_config():
     cli.apply_overrides(config, {"model.residual_dtype": "bf16"})
     with pytest.raises(ConfigError, match="config.model.residual_dtype"):
         config_lib.validate(config, 1)
+    cli.apply_overrides(config, {"model.residual_dtype": "bfloat16", "train.stop_after": 0})
+    with pytest.raises(ConfigError, match="config.train.stop_after: 0 must be a step > 0"):
+        config_lib.validate(config, 1)
 
 
 def test_presets_apply():

@@ -2,9 +2,10 @@
 
 Run A trains T steps uninterrupted. Run B trains the same config, is SIGKILLed once its
 step-2 checkpoint is on disk, is restarted (C), receives SIGTERM a few steps later (exit 0,
-checkpoint at the step reached), and is restarted again (D) to finish. B/C/D's final
-parameters, optimiser state, teacher, data-iterator state and per-step losses (so the data
-order) must be bit-identical to A's, and the wandb run must stay the same.
+checkpoint at the step reached), and is restarted again: D stops one step short of the end
+(`train.stop_after`) and E finishes. B/C/D/E's final parameters, optimiser state, teacher,
+data-iterator state and per-step losses (so the data order) must be bit-identical to A's, and
+the wandb run must stay the same.
 """
 
 import functools
@@ -57,9 +58,9 @@ def _env(tmp_path):
     return env
 
 
-def _start(workdir, env, log_path):
+def _start(workdir, env, log_path, *overrides):
     log = open(log_path, "ab")
-    return subprocess.Popen([sys.executable, "-m", "dinocell_jax.train", *TINY, "--workdir", str(workdir)],
+    return subprocess.Popen([sys.executable, "-m", "dinocell_jax.train", *TINY, *overrides, "--workdir", str(workdir)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
@@ -137,9 +138,13 @@ def test_sigkill_and_sigterm_resume_bit_identical(tmp_path):
     assert killed_at < stopped_at < STEPS, (killed_at, stopped_at)
     assert max(r["training/iteration"] for r in _metrics(b)) == stopped_at  # flushed up to the step reached
 
-    # ---- D finishes from there.
-    proc_d = _start(b, env, log_b)
+    # ---- D goes on to one step short of the end (train.stop_after: exit 0 with a checkpoint
+    # there, the schedules still spanning all STEPS), E finishes.
+    proc_d = _start(b, env, log_b, f"--config.train.stop_after={STEPS - 1}")
     assert proc_d.wait(300) == 0, _tail(log_b)
+    assert max(_finished_steps(b)) == STEPS - 1
+    proc_e = _start(b, env, log_b)
+    assert proc_e.wait(300) == 0, _tail(log_b)
     assert max(_finished_steps(b)) == STEPS
     assert (b / "wandb_run_id").read_text().strip() == run_id  # one wandb run through both interruptions
 
