@@ -3,9 +3,11 @@
 import os
 import tempfile
 
+from tiny import FAST_COMPILE_FLAG  # noqa: E402 - imports no jax
+
 # Must happen before jax is imported anywhere.
 os.environ["XLA_FLAGS"] = (
-    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+    os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8 " + FAST_COMPILE_FLAG
 ).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("WANDB_MODE", "offline")

@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 
+from tiny import training_env
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS, LOG = 200, 25
 
@@ -27,7 +29,7 @@ def test_demo_dino_loss_falls(tmp_path):
         "--config.wandb.histogram_interval=0", "--config.eval.interval=0", "--config.train.progress_bar=False",
         f"--config.checkpoint.interval={10 * STEPS}",
     ]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run(cmd, cwd=REPO, env=training_env(), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if "loss/dino" in r]
