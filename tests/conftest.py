@@ -3,7 +3,7 @@
 import os
 import tempfile
 
-from tiny import FAST_COMPILE_FLAG  # noqa: E402 - imports no jax
+from tiny import FAST_COMPILE_FLAG  # imports no jax, so the flags below still come first
 
 # Must happen before jax is imported anywhere.
 os.environ["XLA_FLAGS"] = (
