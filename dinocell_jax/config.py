@@ -98,8 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.epoch_length = 1000  # OFFICIAL_EPOCH_LENGTH
     t.steps = -1  # > 0 overrides epochs * epoch_length; schedules stretch to it
     # > 0: this run ends at that step (a checkpoint, exit 0) while the schedules still span the
-    # whole run; the same command resumes it. For jobs with a time limit, and short test runs
-    # that stop in the middle of a longer schedule.
+    # whole run; a later run with a larger value, or without it, goes on from there. For jobs
+    # with a time limit, and short test runs that stop in the middle of a longer schedule.
     t.stop_after = -1
     t.max_bad_steps = 10  # consecutive non-finite steps before the run stops
     t.progress_bar = True
