@@ -28,7 +28,7 @@ from dinocell_jax.data import pipeline
 from dinocell_jax.ssl import optim
 from dinocell_jax.ssl import step as step_lib
 from dinocell_jax.ssl.schedules import Schedules
-from tests.tiny import tiny_config
+from tests.tiny import tiny_config, xla_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 3
@@ -205,7 +205,7 @@ def _free_port() -> int:
 def _env(tmp_path, devices: int, **extra) -> dict:
     env = dict(os.environ)
     env.update({
-        "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+        "XLA_FLAGS": xla_flags(devices),
         "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", "WANDB_MODE": "offline", "WANDB_SILENT": "true",
         "PYTHONPATH": REPO + os.pathsep + env.get("PYTHONPATH", ""),
     })

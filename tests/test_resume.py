@@ -24,6 +24,7 @@ from dinocell_jax import cli, parallel
 from dinocell_jax.ssl import optim
 from dinocell_jax.ssl import step as step_lib
 from dinocell_jax.ssl.schedules import Schedules
+from tiny import xla_flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS = 8
@@ -47,7 +48,7 @@ TINY = [
 def _env(tmp_path):
     env = dict(os.environ)
     env.update({
-        "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu",
+        "XLA_FLAGS": xla_flags(8), "JAX_PLATFORMS": "cpu",
         "WANDB_MODE": "offline", "WANDB_SILENT": "true",
         # Restarts reuse the first runs' executables: the test spends its time on behaviour.
         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),

@@ -57,7 +57,7 @@ def test_short_run_improves_knn_over_random_init(tmp_path):
     # A subprocess, as a user runs it: the trainer's wandb, tqdm and logging own
     # the process's stdio, which in-process would outlive pytest's capture.
     # One CPU device, as the benchmark runs (not the suite's 8 simulated ones).
-    env = training_env("--xla_force_host_platform_device_count=8")
+    env = training_env(devices=None)
     workdir = tmp_path / "run"
     proc = subprocess.run(
         [sys.executable, str(SCRIPT), "--recipe", "features", "--steps", "1500", "--config.train.stop_after=750",

@@ -1,19 +1,30 @@
-"""A tiny but complete configuration for tests: every part of the recipe, at toy size."""
+"""A tiny but complete configuration for tests: every part of the recipe, at toy size; and the
+test processes' XLA flags."""
 
 import os
 
 from dinocell_jax import config as config_lib
 
-# conftest.py adds this to XLA_FLAGS: the tests compile many small programs and run few
-# steps, and without LLVM's optimisation passes XLA compiles about twice as fast (the tiny
-# training step: ~29 s -> ~16 s on 2 cores) while running about twice as slow.
+# The tests compile many small programs and run few steps of each: without LLVM's
+# optimisation passes XLA compiles about twice as fast (the tiny training step: ~29 s ->
+# ~16 s on 2 cores) and runs about twice as slow.
 FAST_COMPILE_FLAG = "--xla_backend_optimization_level=0"
+DEVICES_FLAG = "--xla_force_host_platform_device_count"
 
 
-def training_env(*drop_flags: str) -> dict:
+def xla_flags(devices: int) -> str:
+    """XLA_FLAGS of a test process (conftest's, and the short trainer runs' subprocesses):
+    `devices` simulated CPU devices, compiled fast."""
+    return f"{DEVICES_FLAG}={devices} {FAST_COMPILE_FLAG}"
+
+
+def training_env(devices: int | None = 8) -> dict:
     """The environment for a subprocess that trains for hundreds of steps: XLA at full
-    optimisation (FAST_COMPILE_FLAG removed), and any other `drop_flags` removed."""
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if f not in (FAST_COMPILE_FLAG, *drop_flags)]
+    optimisation, on `devices` simulated CPU devices (None: the one real CPU device)."""
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if f != FAST_COMPILE_FLAG and not f.startswith(DEVICES_FLAG)]
+    if devices is not None:
+        flags.append(f"{DEVICES_FLAG}={devices}")
     return dict(os.environ, XLA_FLAGS=" ".join(flags))
 
 
