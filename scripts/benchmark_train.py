@@ -120,7 +120,11 @@ def main(argv=None) -> int:
                *_mode_flags(mode, args.steps, args.dense_interval, args.log_interval)]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
         if proc.returncode:
-            raise SystemExit(f"error: mode {mode} failed:\n{proc.stderr[-4000:]}")
+            log_path = os.path.join(workdir, "stderr.log")  # whole: an allocator's dump precedes the traceback
+            os.makedirs(workdir, exist_ok=True)
+            with open(log_path, "w") as f:
+                f.write(proc.stderr)
+            raise SystemExit(f"error: mode {mode} failed (whole stderr: {log_path}):\n{proc.stderr[-4000:]}")
         results[mode] = _read(workdir, batch)
         print(json.dumps({"mode": mode, **results[mode]}), flush=True)  # partial results survive a timeout
 
