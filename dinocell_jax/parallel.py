@@ -323,20 +323,43 @@ def detect_launch(config, env: Mapping[str, str] | None = None) -> Launch | None
 
 
 MEMORY_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
+# jaxlib 0.11.2's preallocated GPU pool is spatially partitioned by default: the free space past
+# the last buffer (the "central gap") is kept for collective memory and served only when no
+# binned free block fits. A batch transferred while a step's temporaries are placed lands past
+# them; once they are freed, the next allocations (the step's outputs, the next batch's fields)
+# take their first bytes from the block they left, and the next step's temporaries no longer fit
+# in it. With batch 128 (48 GiB of temporaries) on an 80 GB GPU's pool that failed at the
+# second step while 69 GiB were free (docs/BENCHMARKS.md, thirteenth session). Without the
+# partitioning, best fit places small allocations in the central gap's smallest fitting block.
+SPATIAL_PARTITIONING_FLAG = "xla_gpu_enable_allocator_spatial_partitioning"
+_SPATIAL_PARTITIONING_SINCE = (0, 11, 2)  # earlier XLAs abort on the unknown flag
 
 
-def set_memory_fraction(config, env: MutableMapping[str, str] | None = None) -> None:
-    """Lets JAX's GPU allocator take `train.device_memory_fraction` of each GPU's memory.
+def configure_device_memory(config, env: MutableMapping[str, str] | None = None,
+                            jaxlib_version: tuple[int, ...] | None = None) -> None:
+    """Sets up JAX's GPU allocator before the first JAX call that starts a backend.
 
-    Must run before the first JAX call that starts a backend (JAX reads the variable
-    then). An `XLA_PYTHON_CLIENT_MEM_FRACTION` already in the environment is the
-    user's choice and is kept. The CPU backend ignores it.
+    - `train.device_memory_fraction` of each GPU's memory for the pool
+      (`XLA_PYTHON_CLIENT_MEM_FRACTION`; JAX's own default is 0.75).
+    - The pool without spatial partitioning (`--xla_gpu_enable_allocator_spatial_partitioning=false`
+      in `XLA_FLAGS`, on the jaxlib versions that know the flag), so that a step's temporaries
+      get their block back every step.
+
+    A fraction already in the environment, or the flag already in `XLA_FLAGS` (either value),
+    is the user's choice and is kept. The CPU backend ignores both.
     """
     env = os.environ if env is None else env
     fraction = config.train.device_memory_fraction
     if not 0.0 < fraction <= 1.0:
         raise ConfigError(f"config.train.device_memory_fraction: {fraction} must be in (0, 1]")
     env.setdefault(MEMORY_FRACTION_ENV, str(fraction))
+    if jaxlib_version is None:
+        import jaxlib
+
+        jaxlib_version = tuple(int(p) for p in re.findall(r"\d+", jaxlib.__version__)[:3])
+    flags = env.get("XLA_FLAGS", "")
+    if jaxlib_version >= _SPATIAL_PARTITIONING_SINCE and SPATIAL_PARTITIONING_FLAG not in flags:
+        env["XLA_FLAGS"] = f"{flags} --{SPATIAL_PARTITIONING_FLAG}=false".strip()
 
 
 def initialize(config, env: Mapping[str, str] | None = None) -> Launch | None:

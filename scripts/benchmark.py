@@ -173,7 +173,7 @@ def main(argv=None):
     args, rest = parser.parse_known_args(argv)
     config, _ = cli.parse_config(rest)
     config.wandb.enabled = False
-    parallel.set_memory_fraction(config)
+    parallel.configure_device_memory(config)
     n_devices = jax.device_count()
     config_lib.validate(config, n_devices)
 

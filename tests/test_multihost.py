@@ -127,17 +127,25 @@ def test_incomplete_or_inconsistent_launch_names_the_setting():
                                        local_device_ids="0;1"), env={})
 
 
-def test_memory_fraction_is_set_unless_the_user_set_it():
+def test_device_memory_settings_are_set_unless_the_user_set_them():
     config = tiny_config()
+    flag = "--xla_gpu_enable_allocator_spatial_partitioning=false"
+    env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    parallel.configure_device_memory(config, env, jaxlib_version=(0, 11, 2))
+    # JAX's own 0.75 cannot hold batch 128 on 80 GB; the flag keeps the temporaries' block whole
+    assert env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95",
+                   "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {flag}"}
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5",
+           "XLA_FLAGS": "--xla_gpu_enable_allocator_spatial_partitioning=true"}
+    parallel.configure_device_memory(config, env, jaxlib_version=(0, 12, 0))
+    assert env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5",
+                   "XLA_FLAGS": "--xla_gpu_enable_allocator_spatial_partitioning=true"}
     env = {}
-    parallel.set_memory_fraction(config, env)
-    assert env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}  # JAX's own 0.75 cannot hold batch 128 on 80 GB
-    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
-    parallel.set_memory_fraction(config, env)
-    assert env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}
+    parallel.configure_device_memory(config, env, jaxlib_version=(0, 10, 2))  # would abort on the flag
+    assert env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}
     config.train.device_memory_fraction = 1.5
     with pytest.raises(ConfigError, match="train.device_memory_fraction: 1.5"):
-        parallel.set_memory_fraction(config, {})
+        parallel.configure_device_memory(config, {})
 
 
 def test_process_rows_and_barrier_in_one_process():
