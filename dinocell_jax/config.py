@@ -105,8 +105,8 @@ def base_config() -> ml_collections.ConfigDict:
     t.progress_bar = True
     # Share of each GPU's memory JAX's allocator may take (XLA_PYTHON_CLIENT_MEM_FRACTION,
     # which wins when set). JAX's own 0.75 leaves an 80 GB H100 59 GiB, less than the DINOCell
-    # step's 69.5 GiB peak at batch 128 per GPU (50.4 with model.remat_mlp, which the trainer
-    # at that batch also needs: docs/BENCHMARKS.md, twelfth session).
+    # trainer's 73.9 GiB peak at batch 128 per GPU (54.8 with model.remat_mlp:
+    # docs/BENCHMARKS.md, thirteenth session; see parallel.configure_device_memory).
     t.device_memory_fraction = 0.95
 
     c.crops = cr = ml_collections.ConfigDict()
