@@ -328,9 +328,10 @@ MEMORY_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 # binned free block fits. A batch transferred while a step's temporaries are placed lands past
 # them; once they are freed, the next allocations (the step's outputs, the next batch's fields)
 # take their first bytes from the block they left, and the next step's temporaries no longer fit
-# in it. With batch 128 (48 GiB of temporaries) on an 80 GB GPU's pool that failed at the
-# second step while 69 GiB were free (docs/BENCHMARKS.md, thirteenth session). Without the
-# partitioning, best fit places small allocations in the central gap's smallest fitting block.
+# in it. With batch 128 (48 GiB of temporaries) on an 80 GB GPU's pool that failed after the
+# first step while 69 GiB were free (docs/BENCHMARKS.md, thirteenth session). Without the
+# partitioning, best fit takes small allocations from the smallest free block that fits (there,
+# the space past the buffers), and the temporaries' block stays whole.
 SPATIAL_PARTITIONING_FLAG = "xla_gpu_enable_allocator_spatial_partitioning"
 _SPATIAL_PARTITIONING_SINCE = (0, 11, 2)  # earlier XLAs abort on the unknown flag
 
