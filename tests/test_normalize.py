@@ -3,17 +3,19 @@
 import numpy as np
 import pytest
 
-from dinocell_jax.data.normalize import MAX_SAMPLES, intensity_bounds, normalize_fields
+from dinocell_jax.data.normalize import HISTOGRAM_MIN_SAMPLES, MAX_SAMPLES, intensity_bounds, normalize_fields
 
 
-def test_percentile_bounds_match_numpy_on_small_fields():
+@pytest.mark.parametrize("shape", [(5, 64, 48), (2, 256, 256)])  # numpy's percentile; the histogram
+def test_percentile_bounds_match_numpy_on_small_fields(shape):
+    assert (shape[1] * shape[2] >= HISTOGRAM_MIN_SAMPLES) == (shape[1] == 256)
     rng = np.random.default_rng(0)
-    field = rng.integers(100, 40000, (5, 64, 48)).astype(np.uint16)
+    field = rng.gamma(2.0, 800.0, shape).astype(np.uint16)
     lo, hi = intensity_bounds(field, "percentile", 0.1, 99.9)
-    ref = np.percentile(field.reshape(5, -1), [0.1, 99.9], axis=1)
-    assert lo.dtype == np.float32 and hi.dtype == np.float32 and lo.shape == (5,)
-    np.testing.assert_allclose(lo, ref[0], rtol=1e-6)
-    np.testing.assert_allclose(hi, ref[1], rtol=1e-6)
+    ref = np.percentile(field.reshape(shape[0], -1), [0.1, 99.9], axis=1)
+    assert lo.dtype == np.float32 and hi.dtype == np.float32 and lo.shape == (shape[0],)
+    np.testing.assert_array_equal(lo, ref[0].astype(np.float32))
+    np.testing.assert_array_equal(hi, ref[1].astype(np.float32))
     # Float fields take numpy's path and agree.
     lo_f, hi_f = intensity_bounds(field.astype(np.float32), "percentile", 0.1, 99.9)
     np.testing.assert_allclose(lo_f, lo, rtol=1e-6)

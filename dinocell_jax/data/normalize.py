@@ -35,6 +35,12 @@ def _subsample(field: np.ndarray) -> np.ndarray:
     return field.reshape(c, -1)
 
 
+# Below this many samples per channel numpy's own percentile (a partition, not a sort) beats the
+# histogram, whose bincount and cumsum over 65536 levels per channel cost ~2 ms at any size
+# (2-core machine: 0.29 against 2.15 ms at 64 x 64 px, even at 2^16, 5.9 against 16.8 at 2^18).
+HISTOGRAM_MIN_SAMPLES = 1 << 16
+
+
 def _integer_percentiles(sample: np.ndarray, qs) -> list[np.ndarray]:
     """np.percentile(sample, qs, axis=1) (linear interpolation) for uint8/uint16 [C, N], by histogram.
 
@@ -72,7 +78,7 @@ def intensity_bounds(field, mode: str = "percentile", low: float = 0.1,
         if not 0.0 <= low < high <= 100.0:
             raise ValueError(f"intensity_bounds: need 0 <= low < high <= 100, got low={low}, high={high}")
         sample = _subsample(field)
-        if sample.dtype in (np.uint8, np.uint16):
+        if sample.dtype in (np.uint8, np.uint16) and sample.shape[1] >= HISTOGRAM_MIN_SAMPLES:
             lo, hi = _integer_percentiles(sample, (low, high))
         else:
             lo, hi = np.percentile(sample, [low, high], axis=1)
