@@ -111,8 +111,9 @@ def get_config(arg=None):
 
 def _features_recipe(c) -> None:
     """What the synthetic phenotypes need to show in the CLS token (each measured against the
-    demo in docs/BENCHMARKS.md). The phenotypes differ in the stains' intensity ratios,
-    which only a stacked input shows; the rest keeps the DINO head off the uniform output."""
+    demo in docs/BENCHMARKS.md). A stacked input shows every stain's morphology of the same
+    cells at once (the stains' intensity ratios do not reach the network: each crop is
+    standardised per channel); the rest keeps the DINO head off the uniform output."""
     c.data.strategy = "stacked"
     c.wandb.tags = tuple(t for t in c.wandb.tags if t != "multiview") + ("stacked", "features")
     c.data.downscale = 2  # more cells per crop
