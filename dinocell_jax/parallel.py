@@ -355,9 +355,7 @@ def configure_device_memory(config, env: MutableMapping[str, str] | None = None,
         raise ConfigError(f"config.train.device_memory_fraction: {fraction} must be in (0, 1]")
     env.setdefault(MEMORY_FRACTION_ENV, str(fraction))
     if jaxlib_version is None:
-        import jaxlib
-
-        jaxlib_version = tuple(int(p) for p in re.findall(r"\d+", jaxlib.__version__)[:3])
+        from jaxlib.version import __version_info__ as jaxlib_version
     flags = env.get("XLA_FLAGS", "")
     if jaxlib_version >= _SPATIAL_PARTITIONING_SINCE and SPATIAL_PARTITIONING_FLAG not in flags:
         env["XLA_FLAGS"] = f"{flags} --{SPATIAL_PARTITIONING_FLAG}=false".strip()
