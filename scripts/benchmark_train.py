@@ -98,6 +98,13 @@ def main(argv=None) -> int:
     p.add_argument("--workdir", default="", help="keep the runs here (default: a temporary directory)")
     args, rest = p.parse_known_args(argv)
     root = args.workdir or tempfile.mkdtemp(prefix="dinocell_bench_")
+    modes = args.modes.split(",")
+    for mode in modes:
+        # The trainer would resume an earlier run there (and exit at once if it had finished),
+        # and its metrics.jsonl would be read as this run's.
+        if os.path.exists(os.path.join(root, mode)):
+            raise SystemExit(f"error: {os.path.join(root, mode)} exists (an earlier run's); remove it or "
+                             "pass another --workdir")
     os.makedirs(root, exist_ok=True)
     if args.tiff:
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -114,7 +121,7 @@ def main(argv=None) -> int:
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=os.path.join(root, "jax_cache"),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", WANDB_MODE="offline")
     results = {}
-    for mode in args.modes.split(","):
+    for mode in modes:
         workdir = os.path.join(root, mode)
         cmd = [sys.executable, "-m", "dinocell_jax.train", *rest, "--workdir", workdir,
                *_mode_flags(mode, args.steps, args.dense_interval, args.log_interval)]

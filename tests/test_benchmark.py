@@ -37,6 +37,18 @@ def test_benchmark_train_runs_the_real_trainer_at_toy_size(tmp_path):
     assert result["off_collate_s_per_batch"] > 0 and 0.0 < result["off_host_to_device_share"] < 1.0
 
 
+def test_benchmark_train_refuses_a_workdir_holding_an_earlier_run(tmp_path):
+    # The trainer would resume that run, and its metrics would be reported as this one's.
+    (tmp_path / "off").mkdir()
+    proc = subprocess.run(
+        [sys.executable, os.path.join(REPO, "scripts", "benchmark_train.py"), "--config", "configs/demo.py",
+         "--steps", "20", "--modes", "off", "--workdir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode != 0
+    assert f"{tmp_path / 'off'} exists" in proc.stderr
+
+
 def test_head_geometry_reports_the_heads_spread():
     import importlib.util
     import math
