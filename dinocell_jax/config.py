@@ -108,6 +108,10 @@ def base_config() -> ml_collections.ConfigDict:
     # trainer's 73.9 GiB peak at batch 128 per GPU (54.8 with model.remat_mlp:
     # docs/BENCHMARKS.md, thirteenth session; see parallel.configure_device_memory).
     t.device_memory_fraction = 0.95
+    # >= 0: a jax.profiler trace of trace_steps steps from this step into <workdir>/trace (the
+    # devices' kernels and copies, the host's threads; monitor.system.StepTrace).
+    t.trace_from = -1
+    t.trace_steps = 5
 
     c.crops = cr = ml_collections.ConfigDict()
     cr.global_size = 224

@@ -26,7 +26,7 @@ from dinocell_jax.data import pipeline
 from dinocell_jax.data.device_feed import DeviceFeed
 from dinocell_jax.data.sources import channel_list
 from dinocell_jax.monitor import logger as logger_lib
-from dinocell_jax.monitor.system import DeviceStarvation, LoopTimer, system_metrics
+from dinocell_jax.monitor.system import DeviceStarvation, LoopTimer, StepTrace, system_metrics
 from dinocell_jax.ssl import optim
 from dinocell_jax.ssl import step as step_lib
 from dinocell_jax.ssl.schedules import Schedules
@@ -270,6 +270,7 @@ def main(argv: list[str] | None = None) -> int:
     # transfers them ahead of it (host_to_device). Started now, it also fills during compilation.
     data_wait, host_to_device = LoopTimer("data_wait"), LoopTimer("host_to_device")
     starvation = DeviceStarvation()  # whether the step before had already finished at each dispatch
+    trace = StepTrace(os.path.join(workdir, "trace"), config.train.trace_from, config.train.trace_steps)
     feed = DeviceFeed(train_iter, device_batch, start_step, config.data.device_prefetch, host_to_device)
     reporter = _Reporter(config, logger, feed, progress, [data_wait, host_to_device, starvation])
     # ---- Loop
@@ -282,7 +283,9 @@ def main(argv: list[str] | None = None) -> int:
                     batch = next(feed)
                 if pending is not None:
                     starvation.observe(pending[1]["loss/total"].is_ready())
+                trace.before_step(step)
                 state, metrics = train_step(state, batch)
+                trace.after_step(step, metrics)
                 if pending is not None:
                     reporter.report(*pending)
                 now = time.perf_counter()
@@ -323,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                       jax.process_count(), e)
         raise
     finally:
+        trace.stop()
         feed.close()
         if progress is not None:
             progress.close()

@@ -19,6 +19,7 @@ def test_demo_run_logs_the_guide_offline(tmp_path):
         f"--config.train.steps={STEPS}", "--config.wandb.log_interval=2", "--config.wandb.attention_log_interval=2",
         "--config.wandb.pca_log_interval=4", "--config.wandb.histogram_interval=2", "--config.eval.interval=4",
         "--config.eval.n_fields=32", "--config.eval.val_batches=1", "--config.train.progress_bar=False",
+        "--config.train.trace_from=2", "--config.train.trace_steps=1",
     ]
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     proc = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=600)
@@ -47,6 +48,8 @@ def test_demo_run_logs_the_guide_offline(tmp_path):
     assert rows[-1]["loss/total"] == run.values("loss/total")[4]
     assert any(p.name.startswith("attention_maps") for p in (workdir / "figures").iterdir())
     assert json.loads((workdir / "config.json").read_text())["train"]["steps"] == STEPS
+    # the profiler trace asked for (step 2): the device's side and Perfetto's file
+    assert list((workdir / "trace").rglob("*.xplane.pb")) and list((workdir / "trace").rglob("*.trace.json.gz"))
     for file in workdir.rglob("*"):
         if file.is_file():
             assert FAKE_KEY.encode() not in file.read_bytes(), file

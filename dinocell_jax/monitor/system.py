@@ -1,5 +1,5 @@
 """System metrics on the host: accelerator memory, GPU utilisation, host memory,
-and the time the training loop waits for its input pipeline.
+the time the training loop waits for its input pipeline, and an on-demand profiler trace.
 
 The original spent ~95% of each step waiting for data; `system/data_wait_fraction`
 is the number that shows it, and `system/device_starved_fraction` whether the devices
@@ -14,6 +14,8 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from typing import Any
+
+import jax
 
 log = logging.getLogger(__name__)
 
@@ -161,3 +163,38 @@ class DeviceStarvation:
         steps, starved = self._steps, self._starved
         self._steps = self._starved = 0
         return {"system/device_starved_fraction": starved / steps} if steps else {}
+
+
+class StepTrace:
+    """A `jax.profiler` trace of `steps` training steps from step `start` (< 0: none), into `directory`.
+
+    For what the loop's counters cannot say (why the devices starve, which kernels take
+    the time): the trace holds the devices' kernels and copies and the host's threads
+    (the loop, the feeder, the runtime). Open `directory` in TensorBoard's profile plugin
+    or its `*.trace.json.gz` in Perfetto. The last traced step is waited for before the
+    trace stops, so its kernels are in it.
+    """
+
+    def __init__(self, directory: str, start: int, steps: int):
+        self._directory = directory
+        self._start = int(start)
+        self._stop = self._start + max(1, int(steps))
+        self._active = False
+
+    def before_step(self, step: int) -> None:
+        if step == self._start and self._start >= 0:
+            jax.profiler.start_trace(self._directory, create_perfetto_trace=True)
+            self._active = True
+
+    def after_step(self, step: int, outputs) -> None:
+        if self._active and step + 1 >= self._stop:
+            self.stop(outputs)
+
+    def stop(self, outputs=None) -> None:
+        """Ends the trace if one is running (also when the loop leaves early)."""
+        if not self._active:
+            return
+        self._active = False
+        if outputs is not None:
+            jax.block_until_ready(outputs)
+        jax.profiler.stop_trace()
