@@ -296,6 +296,8 @@ def validate(config, n_devices: int) -> None:
         _fail("mesh.fsdp", f"{config.mesh.fsdp} does not divide the {n_devices} devices")
     if config.mesh.data not in (-1, n_devices // config.mesh.fsdp):
         _fail("mesh.data", f"{config.mesh.data} x mesh.fsdp={config.mesh.fsdp} != {n_devices} devices")
+    if config.train.trace_from >= 0 and config.train.trace_steps < 1:
+        _fail("train.trace_steps", f"{config.train.trace_steps} must be >= 1 (steps to trace from train.trace_from)")
     if d.device_prefetch < 1:
         _fail("data.device_prefetch", f"{d.device_prefetch} must be >= 1 (batches on the devices ahead of the step)")
     if d.field_size < c.global_size:

@@ -122,6 +122,9 @@ def test_apply_overrides_from_wandb_config():
     cli.apply_overrides(config, {"model.residual_dtype": "bfloat16", "train.stop_after": 0})
     with pytest.raises(ConfigError, match="config.train.stop_after: 0 must be a step > 0"):
         config_lib.validate(config, 1)
+    cli.apply_overrides(config, {"train.stop_after": -1, "train.trace_from": 10, "train.trace_steps": 0})
+    with pytest.raises(ConfigError, match="config.train.trace_steps: 0 must be >= 1"):
+        config_lib.validate(config, 1)
 
 
 def test_presets_apply():

@@ -178,7 +178,7 @@ class StepTrace:
     def __init__(self, directory: str, start: int, steps: int):
         self._directory = directory
         self._start = int(start)
-        self._stop = self._start + max(1, int(steps))
+        self._stop = self._start + int(steps)
         self._active = False
 
     def before_step(self, step: int) -> None:
