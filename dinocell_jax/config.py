@@ -152,6 +152,9 @@ def base_config() -> ml_collections.ConfigDict:
     d.field_size = 256  # synthetic: square field side; real data: fields are cropped/padded to it
     d.num_fields = 4096  # synthetic: fields per epoch of the generator
     d.n_phenotypes = 4  # synthetic
+    # synthetic: "stain_specific" phenotypes differ also in what one stain alone shows
+    # (chromatin, mitochondria, stain ratios); "shared" ones only in what every stain draws.
+    d.phenotypes = "stain_specific"
     d.holdout = 0.1  # fraction of plates (wells when one plate) held out
     d.holdout_by = "plate"
     d.labels_csv = ""  # optional CSV keyed by plate/well with label columns
@@ -286,6 +289,10 @@ def validate(config, n_devices: int) -> None:
     for key in ("local_mean_p", "stacked_single_p"):
         if not 0 <= d[key] <= 1:
             _fail(f"data.{key}", f"{d[key]} is not a probability in [0, 1]")
+    from dinocell_jax.data.synthetic import PHENOTYPE_SETS  # here: synthetic imports this module
+
+    if d.phenotypes not in PHENOTYPE_SETS:
+        _fail("data.phenotypes", f"{d.phenotypes!r} is not one of {sorted(PHENOTYPE_SETS)}")
     if d.input_norm not in INPUT_NORMS:
         _fail("data.input_norm", f"{d.input_norm!r} is not one of {INPUT_NORMS}")
     if config.loss.centering not in ("sinkhorn_knopp", "centering"):

@@ -100,7 +100,7 @@ def main(argv=None):
     step = jax.jit(step_lib.make_train_step(config, models, optimizer, schedules, 1), donate_argnums=0)
 
     data = SyntheticCellPainting(100_000, config.data.field_size, n_phenotypes=config.data.n_phenotypes,
-                                 seed=config.seed)
+                                 seed=config.seed, phenotypes=config.data.phenotypes)
     rng = np.random.default_rng(config.seed)
     probe = _batch(config, data, np.random.default_rng(config.seed + 1), 0)
     views = augment.make_views(jax.random.key(1), probe["field"], probe["norm_low"], probe["norm_high"],

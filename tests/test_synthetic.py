@@ -7,9 +7,11 @@ import time
 import numpy as np
 import pytest
 
+from dinocell_jax import config as config_lib
 from dinocell_jax.config import CHANNELS
+from dinocell_jax.data import pipeline
 from dinocell_jax.data.normalize import intensity_bounds, normalize_fields
-from dinocell_jax.data.synthetic import SyntheticCellPainting
+from dinocell_jax.data.synthetic import SyntheticCellPainting, phenotype
 
 
 def test_fields_are_deterministic_by_seed_and_index():
@@ -110,3 +112,30 @@ def test_bad_arguments_name_the_argument():
     with pytest.raises(ValueError, match="num_fields"):
         SyntheticCellPainting(0)
     assert SyntheticCellPainting(2, 32, n_channels=3)[0]["field"].shape == (3, 32, 32)
+
+
+def test_shared_phenotypes_differ_only_in_what_every_stain_draws():
+    control = phenotype(0, "shared")
+    for label in range(8):  # the hand-made four and four drawn ones
+        shared, specific = phenotype(label, "shared"), phenotype(label, "stain_specific")
+        assert (shared.chromatin, shared.punctate, shared.gains) == (control.chromatin, control.punctate,
+                                                                     control.gains), label
+        if label < 3 or label >= 4:  # the same cell and nucleus geometry as the stain-specific label
+            for trait in ("spacing", "cell_radius", "nucleus", "aspect", "confluence"):
+                assert getattr(shared, trait) == getattr(specific, trait), (label, trait)
+    # Label 3 (mito/ER stress in the stain-specific set) becomes small, dense, round cells.
+    assert phenotype(3, "shared").spacing < min(phenotype(k, "shared").spacing for k in range(3))
+    assert len({phenotype(k, "shared") for k in range(4)}) == 4
+
+    # Rendered from the chosen set: the control's wells are the same field, the others not.
+    stain_specific = SyntheticCellPainting(num_fields=64, field_size=32, n_phenotypes=4, seed=2)
+    shared_set = SyntheticCellPainting(num_fields=64, field_size=32, n_phenotypes=4, seed=2, phenotypes="shared")
+    by_label = {stain_specific.metadata(i)["label"]: i for i in range(64)}
+    assert np.array_equal(stain_specific[by_label[0]]["field"], shared_set[by_label[0]]["field"])
+    assert not np.array_equal(stain_specific[by_label[3]]["field"], shared_set[by_label[3]]["field"])
+    with pytest.raises(ValueError, match="phenotypes='ratios' is not one of"):
+        SyntheticCellPainting(4, phenotypes="ratios")
+    # The trainer's source draws from the configured set.
+    config = config_lib.base_config()
+    config.data.phenotypes = "shared"
+    assert pipeline.make_source(config, "train").generator.phenotypes == "shared"

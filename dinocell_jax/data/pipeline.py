@@ -67,6 +67,7 @@ class SyntheticSource:
             n_phenotypes=int(data_cfg.n_phenotypes),
             n_plates=int(data_cfg.n_plates),
             seed=int(seed),
+            phenotypes=str(data_cfg.phenotypes),
         )
         self.indices = np.asarray(indices, np.int64)
 

@@ -15,9 +15,10 @@ Counts are camera-like: offset ~100, background a few hundred, signal up to
 tens of thousands, shot noise plus read noise, clipped to uint16.
 
 Phenotypes (labels) change cell size, nucleus size and shape, chromatin texture,
-mitochondrial morphology and the stains' intensity ratios; their definitions do
-not depend on `seed`, so a train set and a validation set with different seeds
-share label semantics. Plates and batches scale each stain's gain and offset
+mitochondrial morphology and the stains' intensity ratios (`phenotypes="shared"`:
+only what every stain draws, cell and nucleus size and shape and confluence); their
+definitions do not depend on `seed`, so a train set and a validation set with
+different seeds share label semantics. Plates and batches scale each stain's gain and offset
 (batch effects), so a held-out split by plate is meaningful.
 
 Layout of the index i (fixed, so every field's metadata is known without
@@ -65,20 +66,39 @@ class Phenotype:
 
 # Hand-made so that the first four labels differ along different axes:
 # size, nuclear shape/texture, organelle intensity ratios.
-_PHENOTYPES = (
+_STAIN_SPECIFIC = (
     Phenotype(30.0, 0.62, 0.30, 1.15, 0.15, 0.3, (1.0, 1.0, 1.0, 1.0, 1.0), 0.88),  # control
     Phenotype(42.0, 0.70, 0.24, 1.10, 0.10, 0.2, (0.9, 1.3, 1.0, 1.5, 0.9), 0.75),  # enlarged, spread
     Phenotype(28.0, 0.60, 0.28, 1.90, 0.55, 0.4, (1.4, 0.9, 0.7, 1.0, 1.0), 0.55),  # condensed, elongated, cell loss
     Phenotype(32.0, 0.64, 0.32, 1.20, 0.20, 0.9, (1.0, 0.6, 1.4, 0.8, 1.8), 0.85),  # mito/ER stress
 )
+# Phenotypes that every stain draws: cell size and spacing (AGP's edges, the ER's and Mito's
+# extent), confluence, nucleus size and shape (DNA, the ER's and Mito's hole around it, RNA's
+# nucleoli within it). Chromatin texture, mitochondrial morphology and gains are the control's
+# for all, so no phenotype needs a particular stain to be told apart: what channel-invariant
+# features can keep (docs/BENCHMARKS.md, "Does pretraining learn?").
+_SHARED = (
+    _STAIN_SPECIFIC[0],  # control
+    dataclasses.replace(_STAIN_SPECIFIC[0], spacing=42.0, cell_radius=0.70, nucleus=0.24, aspect=1.10,
+                        confluence=0.75),  # enlarged, spread
+    dataclasses.replace(_STAIN_SPECIFIC[0], spacing=28.0, cell_radius=0.60, nucleus=0.28, aspect=1.90,
+                        confluence=0.55),  # elongated nuclei, cell loss
+    dataclasses.replace(_STAIN_SPECIFIC[0], spacing=24.0, cell_radius=0.66, nucleus=0.36, aspect=1.0,
+                        confluence=0.95),  # small, dense, round
+)
+PHENOTYPE_SETS = {"stain_specific": _STAIN_SPECIFIC, "shared": _SHARED}
 
 
-def phenotype(label: int) -> Phenotype:
-    """The definition of a label; labels past the hand-made four are drawn from a fixed stream."""
-    if label < len(_PHENOTYPES):
-        return _PHENOTYPES[label]
+def phenotype(label: int, phenotype_set: str = "stain_specific") -> Phenotype:
+    """The definition of a label in `phenotype_set` (PHENOTYPE_SETS); labels past the hand-made
+    four are drawn from a fixed stream (in "shared", with the control's stain-specific traits)."""
+    if phenotype_set not in PHENOTYPE_SETS:
+        raise ValueError(f"phenotype set {phenotype_set!r} is not one of {sorted(PHENOTYPE_SETS)}")
+    hand_made = PHENOTYPE_SETS[phenotype_set]
+    if label < len(hand_made):
+        return hand_made[label]
     rng = np.random.default_rng([0x9E37, label])
-    return Phenotype(
+    drawn = Phenotype(
         spacing=float(rng.uniform(26.0, 44.0)),
         cell_radius=float(rng.uniform(0.58, 0.72)),
         nucleus=float(rng.uniform(0.23, 0.33)),
@@ -88,6 +108,11 @@ def phenotype(label: int) -> Phenotype:
         gains=tuple(float(g) for g in np.exp(rng.normal(0.0, 0.35, 5))),
         confluence=float(rng.uniform(0.45, 0.95)),
     )
+    if phenotype_set == "shared":
+        control = hand_made[0]
+        drawn = dataclasses.replace(drawn, chromatin=control.chromatin, punctate=control.punctate,
+                                    gains=control.gains)
+    return drawn
 
 
 def _periodic_textures(n: int, size: int, sigma: float, seed: int) -> np.ndarray:
@@ -122,7 +147,7 @@ class SyntheticCellPainting:
     """
 
     def __init__(self, num_fields: int, field_size: int = 256, n_phenotypes: int = 4,
-                 n_plates: int = 4, seed: int = 0, n_channels: int = 5):
+                 n_plates: int = 4, seed: int = 0, n_channels: int = 5, phenotypes: str = "stain_specific"):
         if num_fields <= 0:
             raise ValueError(f"SyntheticCellPainting: num_fields={num_fields} must be positive")
         if field_size < 8:
@@ -131,6 +156,8 @@ class SyntheticCellPainting:
             raise ValueError(f"SyntheticCellPainting: n_phenotypes={n_phenotypes} must be at least 1")
         if n_plates < 1:
             raise ValueError(f"SyntheticCellPainting: n_plates={n_plates} must be at least 1")
+        if phenotypes not in PHENOTYPE_SETS:
+            raise ValueError(f"SyntheticCellPainting: phenotypes={phenotypes!r} is not one of {sorted(PHENOTYPE_SETS)}")
         if not 1 <= n_channels <= len(CHANNELS):
             raise ValueError(f"SyntheticCellPainting: n_channels={n_channels} must be in 1..{len(CHANNELS)}")
         self.num_fields = int(num_fields)
@@ -140,7 +167,8 @@ class SyntheticCellPainting:
         self.seed = int(seed)
         self.n_channels = int(n_channels)
         self.channels = CHANNELS[:n_channels]
-        self._phenotypes = [phenotype(k) for k in range(self.n_phenotypes)]
+        self.phenotypes = phenotypes
+        self._phenotypes = [phenotype(k, phenotypes) for k in range(self.n_phenotypes)]
         self._banks: dict[float, np.ndarray] = {}
 
     def __len__(self) -> int:
