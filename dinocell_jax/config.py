@@ -17,6 +17,7 @@ import ml_collections
 CHANNELS = ("DNA", "ER", "RNA", "AGP", "Mito")  # canonical order of the 5 fluorescent stains
 STRATEGIES = ("multiview", "average", "stacked")
 INPUT_NORMS = ("fixed", "instance")
+PHENOTYPE_SETS = ("stain_specific", "shared")  # data.phenotypes, synthetic.phenotype
 ARCHS = ("vit_tiny", "vit_small", "vit_base", "vit_custom")
 
 
@@ -289,10 +290,8 @@ def validate(config, n_devices: int) -> None:
     for key in ("local_mean_p", "stacked_single_p"):
         if not 0 <= d[key] <= 1:
             _fail(f"data.{key}", f"{d[key]} is not a probability in [0, 1]")
-    from dinocell_jax.data.synthetic import PHENOTYPE_SETS  # here: synthetic imports this module
-
     if d.phenotypes not in PHENOTYPE_SETS:
-        _fail("data.phenotypes", f"{d.phenotypes!r} is not one of {sorted(PHENOTYPE_SETS)}")
+        _fail("data.phenotypes", f"{d.phenotypes!r} is not one of {PHENOTYPE_SETS}")
     if d.input_norm not in INPUT_NORMS:
         _fail("data.input_norm", f"{d.input_norm!r} is not one of {INPUT_NORMS}")
     if config.loss.centering not in ("sinkhorn_knopp", "centering"):
