@@ -269,10 +269,15 @@ def main(argv: list[str] | None = None) -> int:
     # The loop waits for batches already on the devices (data_wait); a thread reads and
     # transfers them ahead of it (host_to_device). Started now, it also fills during compilation.
     data_wait, host_to_device = LoopTimer("data_wait"), LoopTimer("host_to_device")
+    # The host's time inside the step's call: argument checks, and the runtime's launch (with
+    # XLA's command buffers, re-recording the CUDA graph whenever a buffer's address changed).
+    # Near training/step_time, it holds the devices (starvation without data_wait).
+    dispatch = LoopTimer("dispatch")
     starvation = DeviceStarvation()  # whether the step before had already finished at each dispatch
-    trace = StepTrace(os.path.join(workdir, "trace"), config.train.trace_from, config.train.trace_steps)
+    trace = StepTrace(os.path.join(workdir, "trace"), config.train.trace_from, config.train.trace_steps,
+                      python=config.train.trace_python)
     feed = DeviceFeed(train_iter, device_batch, start_step, config.data.device_prefetch, host_to_device)
-    reporter = _Reporter(config, logger, feed, progress, [data_wait, host_to_device, starvation])
+    reporter = _Reporter(config, logger, feed, progress, [data_wait, host_to_device, dispatch, starvation])
     # ---- Loop
     pending = None  # (step, metrics, step_time) of the step in flight
     last = time.perf_counter()
@@ -284,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                 if pending is not None:
                     starvation.observe(pending[1]["loss/total"].is_ready())
                 trace.before_step(step)
-                state, metrics = train_step(state, batch)
+                with dispatch.timing():
+                    state, metrics = train_step(state, batch)
                 trace.after_step(step, metrics)
                 if pending is not None:
                     reporter.report(*pending)

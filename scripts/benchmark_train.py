@@ -19,7 +19,10 @@ wall time the loop spent waiting for its next batch on the devices
 queued. `device_starved_share` is the share of steps dispatched after the step before
 had already finished (`system/device_starved_fraction`): each of those left the device
 idle for a while. The feeder thread's side: `host_to_device_share`, its share spent handing
-batches to the devices, and `collate_s_per_batch`, the trainer process's collation.
+batches to the devices, and `collate_s_per_batch`, the trainer process's collation. The
+loop's own side: `dispatch_s`, its mean time inside the step's call per step
+(`system/dispatch_s`; with XLA's command buffers, re-recording the step's CUDA graph when
+buffers moved is part of it).
 
     python scripts/benchmark_train.py --config configs/vits8_jump_multiview.py --steps 300 \
         --tiff 64 --config.train.batch_size=64      # 64 distinct 1080 px TIFF fields, re-read
@@ -81,7 +84,9 @@ def _read(workdir: str, batch: int) -> dict:
             "input_wait_share": share("system/data_wait_fraction"),
             "device_starved_share": share("system/device_starved_fraction"),
             "collate_s_per_batch": round(collate / max(batches, 1), 5),
-            "host_to_device_share": share("system/host_to_device_fraction"), "windows": len(steady),
+            "host_to_device_share": share("system/host_to_device_fraction"),
+            "dispatch_s": round(float(np.mean([r.get("system/dispatch_s", 0.0) for r in steady])), 5),
+            "windows": len(steady),
             # the allocator's peak and limit on the fullest device (the trainer logs GB; 0 on CPU)
             "peak_mem_gib": gib("system/gpu_memory_peak_gb"), "mem_limit_gib": gib("system/gpu_memory_limit_gb")}
 
@@ -146,11 +151,12 @@ def main(argv=None) -> int:
         extra = results["dense"]["step_s"] - results["off"]["step_s"]
         out["picture_cost_s"] = round(extra / dense_events, 4)
         out["pictures_overhead_at_guide"] = round(extra / dense_events * guide_events / results["off"]["step_s"], 5)
-    print(f"{'mode':8s} {'images/s':>9s} {'step':>9s} {'input wait':>10s} {'starved':>8s} {'collate':>9s} {'to device':>10s}")
+    print(f"{'mode':8s} {'images/s':>9s} {'step':>9s} {'input wait':>10s} {'starved':>8s} {'collate':>9s} "
+          f"{'to device':>10s} {'dispatch':>9s}")
     for mode, r in results.items():
         print(f"{mode:8s} {r['images_per_s']:9.1f} {r['step_s']:9.4f} {100 * r['input_wait_share']:9.2f}% "
               f"{100 * r['device_starved_share']:7.1f}% "
-              f"{r['collate_s_per_batch']:8.4f}s {100 * r['host_to_device_share']:9.2f}%")
+              f"{r['collate_s_per_batch']:8.4f}s {100 * r['host_to_device_share']:9.2f}% {r['dispatch_s']:8.4f}s")
     print(json.dumps(out), flush=True)
     return 0
 

@@ -8,7 +8,7 @@ import pytest
 from dinocell_jax.config import CHANNELS
 from dinocell_jax.monitor import figures
 from dinocell_jax.monitor.consistency import channel_consistency
-from dinocell_jax.monitor.system import DeviceStarvation, LoopTimer, system_metrics
+from dinocell_jax.monitor.system import DeviceStarvation, LoopTimer, StepTrace, system_metrics
 
 LUMA = np.array([0.299, 0.587, 0.114])
 PATCH = 4
@@ -230,3 +230,29 @@ def test_device_starvation_counts_dispatches_that_found_the_device_idle():
         starvation.observe(previous_done)
     assert starvation.pop() == {"system/device_starved_fraction": 0.5}
     assert starvation.pop() == {}
+
+
+def _traced_python_calls(directory) -> int:
+    """Events of the Python tracer (named `$file:line function`) in a StepTrace's Perfetto file."""
+    import gzip
+    import json
+    import pathlib
+
+    (path,) = pathlib.Path(directory).rglob("*perfetto_trace.json.gz")
+    with gzip.open(path) as f:
+        events = json.load(f)
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    return sum(1 for e in events if e.get("ph") == "X" and str(e.get("name", "")).startswith("$"))
+
+
+@pytest.mark.parametrize("python", [False, True])
+def test_step_trace_traces_python_calls_only_when_asked(tmp_path, python):
+    # The Python tracer slows Python several-fold: off by default, so a trace's host timing is a run's.
+    trace = StepTrace(str(tmp_path), start=1, steps=2, python=python)
+    step = jax.jit(lambda x: x @ x)
+    x = jnp.ones((64, 64))
+    for i in range(4):
+        trace.before_step(i)
+        x = step(x) / 64
+        trace.after_step(i, x)
+    assert (_traced_python_calls(tmp_path) > 0) == python

@@ -28,7 +28,8 @@ def test_demo_run_logs_the_guide_offline(tmp_path):
     (path,) = run_files(workdir)
     run = load_run(path)
     assert run.config["train"]["steps"] == STEPS and run.metrics.get("*") == "training/iteration"
-    for key in GUIDE_SCALARS + ["gradients/dino_head_norm_preclip", "params/update_norm", "data/fields_read"]:
+    for key in GUIDE_SCALARS + ["gradients/dino_head_norm_preclip", "params/update_norm", "data/fields_read",
+                                "system/data_wait_s", "system/dispatch_s", "system/device_starved_fraction"]:
         assert sorted(run.values(key)) == [2, 4], key
     for key in [f"consistency/ch{i}_vs_ch{j}" for i in range(1, 6) for j in range(i + 1, 6)]:
         assert list(run.values(key)) == [4], key

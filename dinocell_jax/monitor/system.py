@@ -170,20 +170,24 @@ class StepTrace:
 
     For what the loop's counters cannot say (why the devices starve, which kernels take
     the time): the trace holds the devices' kernels and copies and the host's threads
-    (the loop, the feeder, the runtime). Open `directory` in TensorBoard's profile plugin
-    or its `*.trace.json.gz` in Perfetto. The last traced step is waited for before the
-    trace stops, so its kernels are in it.
+    (the loop, the feeder, the runtime), with `python` every Python call too, which slows
+    Python several-fold. Open `directory` in TensorBoard's profile plugin or its
+    `*.trace.json.gz` in Perfetto. The last traced step is waited for before the trace
+    stops, so its kernels are in it.
     """
 
-    def __init__(self, directory: str, start: int, steps: int):
+    def __init__(self, directory: str, start: int, steps: int, python: bool = False):
         self._directory = directory
         self._start = int(start)
         self._stop = self._start + int(steps)
+        self._python = bool(python)
         self._active = False
 
     def before_step(self, step: int) -> None:
         if step == self._start and self._start >= 0:
-            jax.profiler.start_trace(self._directory, create_perfetto_trace=True)
+            options = jax.profiler.ProfileOptions()
+            options.python_tracer_level = int(self._python)
+            jax.profiler.start_trace(self._directory, create_perfetto_trace=True, profiler_options=options)
             self._active = True
 
     def after_step(self, step: int, outputs) -> None:
