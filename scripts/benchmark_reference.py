@@ -198,7 +198,7 @@ def build(cfg, device, compile_backbones: bool):
         model.teacher[k].load_state_dict(model.student[k].state_dict())
     model.train()
     optimizer = torch.optim.AdamW(model.get_params_groups(), betas=(0.9, 0.999))
-    for group in optimizer.param_groups:
+    for group in optimizer.param_groups:  # any values: the step's work does not depend on them
         group["lr"] = 1e-4 * group["lr_multiplier"]
         group["weight_decay"] = 0.04 * group["wd_multiplier"]
     if compile_backbones:
@@ -212,7 +212,7 @@ def make_step(model, optimizer, data, device: torch.device):
     teacher_params = [p for m in model.teacher.values() for p in m.parameters()]
     student_params = [p for m in model.student.values() for p in m.parameters()]
 
-    def step() -> float:
+    def step() -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
         with torch.autocast(device.type, dtype=torch.bfloat16):
             losses = model.forward_backward(data, teacher_temp=0.07)
