@@ -70,8 +70,8 @@ def _read(workdir: str, batch: int) -> dict:
     steady = rows[1:]  # the first window holds compilation
     step = float(np.mean([r["training/step_time"] for r in steady]))
 
-    def share(key):
-        return round(float(np.mean([r.get(key, 0.0) for r in steady])), 4)
+    def share(key, digits=4):  # the steady windows' mean
+        return round(float(np.mean([r.get(key, 0.0) for r in steady])), digits)
 
     def gib(key):
         return round(max(r.get(key, 0.0) for r in rows) * 1e9 / 2**30, 2)
@@ -85,7 +85,7 @@ def _read(workdir: str, batch: int) -> dict:
             "device_starved_share": share("system/device_starved_fraction"),
             "collate_s_per_batch": round(collate / max(batches, 1), 5),
             "host_to_device_share": share("system/host_to_device_fraction"),
-            "dispatch_s": round(float(np.mean([r.get("system/dispatch_s", 0.0) for r in steady])), 5),
+            "dispatch_s": share("system/dispatch_s", digits=5),
             "windows": len(steady),
             # the allocator's peak and limit on the fullest device (the trainer logs GB; 0 on CPU)
             "peak_mem_gib": gib("system/gpu_memory_peak_gb"), "mem_limit_gib": gib("system/gpu_memory_limit_gb")}

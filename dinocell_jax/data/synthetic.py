@@ -86,7 +86,7 @@ def phenotype(label: int, phenotype_set: str = "stain_specific") -> Phenotype:
     """The definition of a label in `phenotype_set` (config.PHENOTYPE_SETS); labels past the
     hand-made four are drawn from a fixed stream."""
     if phenotype_set not in PHENOTYPE_SETS:
-        raise ValueError(f"phenotype set {phenotype_set!r} is not one of {PHENOTYPE_SETS}")
+        raise ValueError(f"phenotypes={phenotype_set!r} is not one of {PHENOTYPE_SETS}")
     if phenotype_set == "shared":
         if label == 3:
             return _SHARED_LABEL_3
@@ -149,8 +149,6 @@ class SyntheticCellPainting:
             raise ValueError(f"SyntheticCellPainting: n_phenotypes={n_phenotypes} must be at least 1")
         if n_plates < 1:
             raise ValueError(f"SyntheticCellPainting: n_plates={n_plates} must be at least 1")
-        if phenotypes not in PHENOTYPE_SETS:
-            raise ValueError(f"SyntheticCellPainting: phenotypes={phenotypes!r} is not one of {PHENOTYPE_SETS}")
         if not 1 <= n_channels <= len(CHANNELS):
             raise ValueError(f"SyntheticCellPainting: n_channels={n_channels} must be in 1..{len(CHANNELS)}")
         self.num_fields = int(num_fields)
