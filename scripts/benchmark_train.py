@@ -131,11 +131,13 @@ def main(argv=None) -> int:
         cmd = [sys.executable, "-m", "dinocell_jax.train", *rest, "--workdir", workdir,
                *_mode_flags(mode, args.steps, args.dense_interval, args.log_interval)]
         proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+        # Kept whole for every mode: an allocator's dump precedes a traceback, and XLA's own log
+        # (TF_CPP_VMODULE) of a run that worked is read from here too.
+        log_path = os.path.join(workdir, "stderr.log")
+        os.makedirs(workdir, exist_ok=True)
+        with open(log_path, "w") as f:
+            f.write(proc.stderr)
         if proc.returncode:
-            log_path = os.path.join(workdir, "stderr.log")  # whole: an allocator's dump precedes the traceback
-            os.makedirs(workdir, exist_ok=True)
-            with open(log_path, "w") as f:
-                f.write(proc.stderr)
             raise SystemExit(f"error: mode {mode} failed (whole stderr: {log_path}):\n{proc.stderr[-4000:]}")
         results[mode] = _read(workdir, batch)
         print(json.dumps({"mode": mode, **results[mode]}), flush=True)  # partial results survive a timeout
