@@ -36,6 +36,8 @@ def test_benchmark_train_runs_the_real_trainer_at_toy_size(tmp_path):
     # the input wait split: collating 32 fields takes some time, handing them over too
     assert result["off_collate_s_per_batch"] > 0 and 0.0 < result["off_host_to_device_share"] < 1.0
     assert 0.0 < result["off_dispatch_s"] <= result["off_step_s"]  # a part of each loop iteration
+    # the trainer's whole stderr is kept though it succeeded (where XLA's own log is read)
+    assert "mesh {" in (tmp_path / "off" / "stderr.log").read_text()
 
 
 def test_benchmark_train_refuses_a_workdir_holding_an_earlier_run(tmp_path):
