@@ -117,6 +117,13 @@ def base_config() -> ml_collections.ConfigDict:
     # code several-fold (a batch-128 step's mask drawing took 80 ms in such a trace on an H200
     # host, ~11 ms untraced on a 2-core machine), so the host's timing is no longer a real run's.
     t.trace_python = False
+    # Steps the loop may have dispatched past the last one whose metrics it has read: after
+    # dispatching step n it reads step n - steps_in_flight's (the read waits for that step).
+    # 1 leaves the host one step's device time to dispatch the next; 2 gives it two, to absorb
+    # slow dispatches (XLA re-recording the CUDA graph took up to 330 ms at batch 128 on an H200
+    # host against a 0.32 s step: docs/BENCHMARKS.md, sixteenth session), at the cost of one more
+    # batch held on the devices. Not yet measured on a GPU.
+    t.steps_in_flight = 1
 
     c.crops = cr = ml_collections.ConfigDict()
     cr.global_size = 224
@@ -308,6 +315,8 @@ def validate(config, n_devices: int) -> None:
         _fail("mesh.data", f"{config.mesh.data} x mesh.fsdp={config.mesh.fsdp} != {n_devices} devices")
     if config.train.trace_from >= 0 and config.train.trace_steps < 1:
         _fail("train.trace_steps", f"{config.train.trace_steps} must be >= 1 (steps to trace from train.trace_from)")
+    if config.train.steps_in_flight < 1:
+        _fail("train.steps_in_flight", f"{config.train.steps_in_flight} must be >= 1 (dispatched steps not yet read)")
     if d.device_prefetch < 1:
         _fail("data.device_prefetch", f"{d.device_prefetch} must be >= 1 (batches on the devices ahead of the step)")
     if d.field_size < c.global_size:

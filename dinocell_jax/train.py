@@ -9,6 +9,7 @@ Running the same command again resumes from the workdir's last checkpoint.
 
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -67,7 +68,8 @@ class _StopRequest:
 
 
 class _Reporter:
-    """Host side of each step, run one step late so fetching never stalls the device.
+    """Host side of each step, run `train.steps_in_flight` steps late so fetching never stalls
+    the device.
 
     Counts non-finite steps (stopping after `train.max_bad_steps` in a row),
     averages the scalars over `wandb.log_interval`, checks gradient health and
@@ -279,23 +281,28 @@ def main(argv: list[str] | None = None) -> int:
     feed = DeviceFeed(train_iter, device_batch, start_step, config.data.device_prefetch, host_to_device)
     reporter = _Reporter(config, logger, feed, progress, [data_wait, host_to_device, dispatch, starvation])
     # ---- Loop
-    pending = None  # (step, metrics, step_time) of the step in flight
+    in_flight: collections.deque = collections.deque()  # (step, metrics, step_time) dispatched, not yet read
+
+    def read_in_flight(keep: int):
+        """Reports the oldest steps in flight until `keep` are left (each read waits for its step)."""
+        while len(in_flight) > keep:
+            reporter.report(*in_flight.popleft())
+
     last = time.perf_counter()
     try:
         with jax.set_mesh(mesh):  # drop path draws its subset per device, as DINOv2 per GPU
             for step in range(start_step, end_step):
                 with data_wait.timing():
                     batch = next(feed)
-                if pending is not None:
-                    starvation.observe(pending[1]["loss/total"].is_ready())
+                if in_flight:  # had the step before already finished?
+                    starvation.observe(in_flight[-1][1]["loss/total"].is_ready())
                 trace.before_step(step)
                 with dispatch.timing():
                     state, metrics = train_step(state, batch)
                 trace.after_step(step, metrics)
-                if pending is not None:
-                    reporter.report(*pending)
+                read_in_flight(keep=config.train.steps_in_flight - 1)
                 now = time.perf_counter()
-                pending = (step, metrics, now - last)
+                in_flight.append((step, metrics, now - last))
                 last = now
                 done = step + 1
                 want_attention = wandb_cfg.log_attention_maps and done % wandb_cfg.attention_log_interval == 0
@@ -314,13 +321,15 @@ def main(argv: list[str] | None = None) -> int:
                     logger.log_metrics(_evaluate(state, evaluator, eval_loss, val_batches, mesh) |
                                        {"training/iteration": done}, done)
                 if done % config.checkpoint.interval == 0 and done < total_steps:
+                    # Every step up to the checkpoint logged first: a run killed after this save
+                    # resumes past those steps and would never log them. (The save waits for the
+                    # step anyway, to copy its state.)
+                    read_in_flight(keep=0)
                     save(done)
                 if stop.requested(done):
                     log.info("%s received: saving at step %d and exiting", stop.signal, done)
                     break
-            if pending is not None:
-                reporter.report(*pending)
-                pending = None
+            read_in_flight(keep=0)
             save(int(jax.device_get(state.step)), force=True)
             checkpointer.wait()
             parallel.barrier("end of training", config.distributed.barrier_timeout)

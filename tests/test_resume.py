@@ -5,12 +5,14 @@ step-2 checkpoint is on disk, is restarted (C), receives SIGTERM a few steps lat
 checkpoint at the step reached), and is restarted again: D stops one step short of the end
 (`train.stop_after`) and E finishes. B/C/D/E's final parameters, optimiser state, teacher,
 data-iterator state and per-step losses (so the data order) must be bit-identical to A's, and
-the wandb run must stay the same.
+the wandb run must stay the same. B and its restarts read each step's metrics two steps late
+(`train.steps_in_flight=2`), A one step late: the same losses, every step logged once, in order.
 """
 
 import functools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -43,6 +45,9 @@ TINY = [
     "--config.optim.freeze_last_layer_epochs=1",
     f"--config.train.steps={STEPS}", "--config.checkpoint.interval=2", "--config.checkpoint.keep=2",
 ]
+
+
+B_RUNS = ["--config.train.steps_in_flight=2"]
 
 
 def _env(tmp_path):
@@ -92,6 +97,16 @@ def _metrics(workdir):
     return rows
 
 
+def _console_steps(log_path, offset):
+    """The steps a trainer printed to its log (`[k] loss/total ...`) after byte `offset`:
+    a restarted run's own progress (metrics.jsonl still holds the killed run's last rows
+    until the restart has dropped them)."""
+    with open(log_path, "rb") as f:
+        f.seek(offset)
+        text = f.read().decode(errors="replace")
+    return [int(m) for m in re.findall(r"^\[(\d+)\] loss/total", text, re.MULTILINE)]
+
+
 def _tail(path):
     return open(path, errors="replace").read()[-3000:]
 
@@ -120,7 +135,7 @@ def test_sigkill_and_sigterm_resume_bit_identical(tmp_path):
 
     # ---- A uninterrupted, B killed with SIGKILL once its step-2 checkpoint is finalised.
     proc_a = _start(a, env, log_a)
-    proc_b = _start(b, env, log_b)
+    proc_b = _start(b, env, log_b, *B_RUNS)
     _wait_for(lambda: 2 in _finished_steps(b), proc_b, "B's checkpoint of step 2")
     proc_b.send_signal(signal.SIGKILL)
     assert proc_b.wait(60) == -signal.SIGKILL
@@ -130,9 +145,9 @@ def test_sigkill_and_sigterm_resume_bit_identical(tmp_path):
     assert proc_a.wait(300) == 0, _tail(log_a)
 
     # ---- C resumes B, gets SIGTERM a few steps later: clean exit, checkpoint at the step reached.
-    proc_c = _start(b, env, log_b)
-    _wait_for(lambda: any(r["training/iteration"] > killed_at for r in _metrics(b)), proc_c,
-              "C's first logged step")
+    offset = log_b.stat().st_size
+    proc_c = _start(b, env, log_b, *B_RUNS)
+    _wait_for(lambda: any(k > killed_at for k in _console_steps(log_b, offset)), proc_c, "C's first logged step")
     proc_c.send_signal(signal.SIGTERM)
     assert proc_c.wait(120) == 0, _tail(log_b)
     stopped_at = max(_finished_steps(b))
@@ -141,10 +156,10 @@ def test_sigkill_and_sigterm_resume_bit_identical(tmp_path):
 
     # ---- D goes on to one step short of the end (train.stop_after: exit 0 with a checkpoint
     # there, the schedules still spanning all STEPS), E finishes.
-    proc_d = _start(b, env, log_b, f"--config.train.stop_after={STEPS - 1}")
+    proc_d = _start(b, env, log_b, *B_RUNS, f"--config.train.stop_after={STEPS - 1}")
     assert proc_d.wait(300) == 0, _tail(log_b)
     assert max(_finished_steps(b)) == STEPS - 1
-    proc_e = _start(b, env, log_b)
+    proc_e = _start(b, env, log_b, *B_RUNS)
     assert proc_e.wait(300) == 0, _tail(log_b)
     assert max(_finished_steps(b)) == STEPS
     assert (b / "wandb_run_id").read_text().strip() == run_id  # one wandb run through both interruptions
