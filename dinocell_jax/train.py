@@ -322,8 +322,8 @@ def main(argv: list[str] | None = None) -> int:
                                        {"training/iteration": done}, done)
                 if done % config.checkpoint.interval == 0 and done < total_steps:
                     # Every step up to the checkpoint logged first: a run killed after this save
-                    # resumes past those steps and would never log them. (The save waits for the
-                    # step anyway, to copy its state.)
+                    # resumes past those steps and would never log them. Waiting for this step
+                    # costs the devices at most one idle gap per checkpoint.
                     read_in_flight(keep=0)
                     save(done)
                 if stop.requested(done):
