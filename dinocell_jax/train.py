@@ -259,10 +259,6 @@ def main(argv: list[str] | None = None) -> int:
 
         progress = tqdm(total=total_steps, initial=start_step, unit="it", dynamic_ncols=True)
 
-    def save(step_done: int, force: bool = False):
-        meta = ckpt_lib.run_metadata(config, logger.wandb_run_id)
-        checkpointer.save(step_done, state, feed.get_state(), meta, force=force)
-
     def device_batch(host: dict, step: int) -> dict:
         local = {k: host[k] for k in ("field", "norm_low", "norm_high")}
         local["masks"] = step_lib.host_masks(config, step, mask_group)[local_rows]
@@ -287,6 +283,14 @@ def main(argv: list[str] | None = None) -> int:
         """Reports the oldest steps in flight until `keep` are left (each read waits for its step)."""
         while len(in_flight) > keep:
             reporter.report(*in_flight.popleft())
+
+    def save(step_done: int, force: bool = False):
+        # Every step up to the checkpoint logged first: a run killed after this save resumes
+        # past those steps and would never log them. Waiting for the last one costs the devices
+        # at most one idle gap per checkpoint.
+        read_in_flight(keep=0)
+        meta = ckpt_lib.run_metadata(config, logger.wandb_run_id)
+        checkpointer.save(step_done, state, feed.get_state(), meta, force=force)
 
     last = time.perf_counter()
     try:
@@ -321,15 +325,10 @@ def main(argv: list[str] | None = None) -> int:
                     logger.log_metrics(_evaluate(state, evaluator, eval_loss, val_batches, mesh) |
                                        {"training/iteration": done}, done)
                 if done % config.checkpoint.interval == 0 and done < total_steps:
-                    # Every step up to the checkpoint logged first: a run killed after this save
-                    # resumes past those steps and would never log them. Waiting for this step
-                    # costs the devices at most one idle gap per checkpoint.
-                    read_in_flight(keep=0)
                     save(done)
                 if stop.requested(done):
                     log.info("%s received: saving at step %d and exiting", stop.signal, done)
                     break
-            read_in_flight(keep=0)
             save(int(jax.device_get(state.step)), force=True)
             checkpointer.wait()
             parallel.barrier("end of training", config.distributed.barrier_timeout)
