@@ -122,7 +122,8 @@ def base_config() -> ml_collections.ConfigDict:
     # 1 leaves the host one step's device time to dispatch the next; 2 gives it two, to absorb
     # slow dispatches (XLA re-recording the CUDA graph took up to 330 ms at batch 128 on an H200
     # host against a 0.32 s step: docs/BENCHMARKS.md, sixteenth session), at the cost of one more
-    # batch held on the devices. Not yet measured on a GPU.
+    # batch held on the devices. It did not help there (323 images/s against 336-347 with 1,
+    # seventeenth session).
     t.steps_in_flight = 1
 
     c.crops = cr = ml_collections.ConfigDict()
