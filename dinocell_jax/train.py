@@ -285,10 +285,12 @@ def main(argv: list[str] | None = None) -> int:
             reporter.report(*in_flight.popleft())
 
     def save(step_done: int, force: bool = False):
-        # Every step up to the checkpoint logged first: a run killed after this save resumes
-        # past those steps and would never log them. Waiting for the last one costs the devices
-        # at most one idle gap per checkpoint.
+        # Every step up to the checkpoint logged first, and written (the metrics file holds a
+        # step's row until the next step's arrives): a run killed after this save resumes past
+        # those steps and would never log them. Waiting for the last step and for the writer
+        # thread costs the devices at most one idle gap per checkpoint.
         read_in_flight(keep=0)
+        logger.flush()
         meta = ckpt_lib.run_metadata(config, logger.wandb_run_id)
         checkpointer.save(step_done, state, feed.get_state(), meta, force=force)
 
