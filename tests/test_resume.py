@@ -7,6 +7,7 @@ checkpoint at the step reached), and is restarted again: D stops one step short 
 data-iterator state and per-step losses (so the data order) must be bit-identical to A's, and
 the wandb run must stay the same. B and its restarts read each step's metrics two steps late
 (`train.steps_in_flight=2`), A one step late: the same losses, every step logged once, in order.
+B also dispatches three compiled copies of the step in turn (`train.step_executables=3`), A one.
 """
 
 import functools
@@ -47,7 +48,7 @@ TINY = [
 ]
 
 
-B_RUNS = ["--config.train.steps_in_flight=2"]
+B_RUNS = ["--config.train.steps_in_flight=2", "--config.train.step_executables=3"]
 
 
 def _env(tmp_path):
@@ -58,6 +59,7 @@ def _env(tmp_path):
         # Restarts reuse the first runs' executables: the test spends its time on behaviour.
         "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
         "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "-1",
+        "JAX_LOG_COMPILES": "1",  # "Compiling jit(train_step) ..." once per copy of the step
     })
     for var in ("WANDB_CACHE_DIR", "WANDB_DATA_DIR", "WANDB_CONFIG_DIR"):
         env[var] = str(tmp_path / "wandb_home")
@@ -107,6 +109,10 @@ def _console_steps(log_path, offset):
     return [int(m) for m in re.findall(r"^\[(\d+)\] loss/total", text, re.MULTILINE)]
 
 
+def _step_compilations(log_path):
+    return open(log_path, errors="replace").read().count("Compiling jit(train_step)")
+
+
 def _tail(path):
     return open(path, errors="replace").read()[-3000:]
 
@@ -143,6 +149,10 @@ def test_sigkill_and_sigterm_resume_bit_identical(tmp_path):
     assert killed_at < STEPS, "B finished before it was killed; the test proves nothing"
     run_id = (b / "wandb_run_id").read_text().strip()
     assert proc_a.wait(300) == 0, _tail(log_a)
+    # A ran its 8 steps on one executable; B's first steps each on a copy of their own (a
+    # persistent-cache hit still lowers, and loads an executable of its own).
+    assert _step_compilations(log_a) == 1, _tail(log_a)
+    assert _step_compilations(log_b) >= 2, _tail(log_b)
 
     # ---- C resumes B, gets SIGTERM a few steps later: clean exit, checkpoint at the step reached.
     offset = log_b.stat().st_size
