@@ -292,8 +292,9 @@ def main(argv: list[str] | None = None) -> int:
     def save(step_done: int, force: bool = False):
         # Every step up to the checkpoint logged first, and written (the metrics file holds a
         # step's row until the next step's arrives): a run killed after this save resumes past
-        # those steps and would never log them. Waiting for the last step and for the writer
-        # thread costs the devices at most one idle gap per checkpoint.
+        # those steps and would never log them. The wait (the last step, then the writer's queue:
+        # those steps' rows, at times a figure or an artifact hand-over, seconds at most) comes
+        # once per checkpoint, 10000 steps in the guide's config.
         read_in_flight(keep=0)
         logger.flush()
         meta = ckpt_lib.run_metadata(config, logger.wandb_run_id)
