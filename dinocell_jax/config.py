@@ -125,13 +125,6 @@ def base_config() -> ml_collections.ConfigDict:
     # batch held on the devices. It did not help there (323 images/s against 336-347 with 1,
     # seventeenth session).
     t.steps_in_flight = 1
-    # Compiled copies of the step, dispatched in turn. XLA keeps one CUDA graph per executable
-    # and device and re-records it when a buffer's address changed; the slow re-recordings seem
-    # to wait for the graph's previous launch, i.e. the step still running (docs/BENCHMARKS.md,
-    # seventeenth session). With steps_in_flight + 1 copies the copy being re-recorded is one
-    # whose launch has finished. Each copy compiles once (at its first step; a persistent cache,
-    # JAX_COMPILATION_CACHE_DIR, turns the others into loads). Not yet measured on a GPU.
-    t.step_executables = 1
 
     c.crops = cr = ml_collections.ConfigDict()
     cr.global_size = 224
@@ -325,8 +318,6 @@ def validate(config, n_devices: int) -> None:
         _fail("train.trace_steps", f"{config.train.trace_steps} must be >= 1 (steps to trace from train.trace_from)")
     if config.train.steps_in_flight < 1:
         _fail("train.steps_in_flight", f"{config.train.steps_in_flight} must be >= 1 (dispatched steps not yet read)")
-    if config.train.step_executables < 1:
-        _fail("train.step_executables", f"{config.train.step_executables} must be >= 1 (compiled copies of the step)")
     if d.device_prefetch < 1:
         _fail("data.device_prefetch", f"{d.device_prefetch} must be >= 1 (batches on the devices ahead of the step)")
     if d.field_size < c.global_size:

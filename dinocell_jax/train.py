@@ -227,17 +227,12 @@ def main(argv: list[str] | None = None) -> int:
     # ---- Steps
     batch_shard = parallel.batch_sharding(mesh)
     batch_shardings = {k: batch_shard for k in ("field", "norm_low", "norm_high", "masks")}
-    # train.step_executables copies, dispatched in turn: each jit of a new function object
-    # traces and compiles its own executable, hence its own CUDA graph.
-    train_steps = [
-        jax.jit(
-            step_lib.make_train_step(config, models, optimizer, schedules, n_devices),
-            in_shardings=(shardings, batch_shardings),
-            out_shardings=(shardings, parallel.replicated(mesh)),
-            donate_argnums=0,
-        )
-        for _ in range(config.train.step_executables)
-    ]
+    train_step = jax.jit(
+        step_lib.make_train_step(config, models, optimizer, schedules, n_devices),
+        in_shardings=(shardings, batch_shardings),
+        out_shardings=(shardings, parallel.replicated(mesh)),
+        donate_argnums=0,
+    )
     metrics_fn = jax.jit(step_lib.make_metrics_fn(config, models))
     histograms_fn = jax.jit(step_lib.param_histograms)
     eval_cfg = config.eval
@@ -310,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
                     starvation.observe(in_flight[-1][1]["loss/total"].is_ready())
                 trace.before_step(step)
                 with dispatch.timing():
-                    state, metrics = train_steps[step % len(train_steps)](state, batch)
+                    state, metrics = train_step(state, batch)
                 trace.after_step(step, metrics)
                 read_in_flight(keep=config.train.steps_in_flight - 1)
                 now = time.perf_counter()

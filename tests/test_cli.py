@@ -128,10 +128,7 @@ def test_apply_overrides_from_wandb_config():
     cli.apply_overrides(config, {"train.trace_steps": 5, "train.steps_in_flight": 0})
     with pytest.raises(ConfigError, match="config.train.steps_in_flight: 0 must be >= 1"):
         config_lib.validate(config, 1)
-    cli.apply_overrides(config, {"train.steps_in_flight": 2, "train.step_executables": 0})
-    with pytest.raises(ConfigError, match="config.train.step_executables: 0 must be >= 1"):
-        config_lib.validate(config, 1)
-    cli.apply_overrides(config, {"train.step_executables": 3, "data.phenotypes": "shared"})
+    cli.apply_overrides(config, {"train.steps_in_flight": 2, "data.phenotypes": "shared"})
     config_lib.validate(config, 1)
     cli.apply_overrides(config, {"data.phenotypes": "ratios"})
     with pytest.raises(ConfigError, match="config.data.phenotypes: 'ratios' is not one of"):
