@@ -107,8 +107,11 @@ def base_config() -> ml_collections.ConfigDict:
     # Share of each GPU's memory JAX's allocator may take (XLA_PYTHON_CLIENT_MEM_FRACTION,
     # which wins when set). JAX's own 0.75 leaves an 80 GB H100 59 GiB, less than the DINOCell
     # trainer's 73.9 GiB peak at batch 128 per GPU (54.8 with model.remat_mlp:
-    # docs/BENCHMARKS.md, thirteenth session; see parallel.configure_device_memory).
+    # docs/BENCHMARKS.md, thirteenth session; see parallel.configure_gpu_backend).
     t.device_memory_fraction = 0.95
+    # XLA's Triton GEMM fusions; off, cuBLAS runs every matmul: +7.8% on an H200
+    # (docs/BENCHMARKS.md, nineteenth session; parallel.configure_gpu_backend).
+    t.triton_gemm = False
     # >= 0: a jax.profiler trace of trace_steps steps from this step into <workdir>/trace (the
     # devices' kernels and copies, the host's threads; monitor.system.StepTrace).
     t.trace_from = -1

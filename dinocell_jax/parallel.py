@@ -334,20 +334,34 @@ MEMORY_FRACTION_ENV = "XLA_PYTHON_CLIENT_MEM_FRACTION"
 # the space past the buffers), and the temporaries' block stays whole.
 SPATIAL_PARTITIONING_FLAG = "xla_gpu_enable_allocator_spatial_partitioning"
 _SPATIAL_PARTITIONING_SINCE = (0, 11, 2)  # earlier XLAs abort on the unknown flag
+# XLA's Triton GEMM fusions off: cuBLAS then runs every matmul of the step. The DINOCell step on
+# an H200 at batch 64: +7.8% images/s in one call (391.5 -> 422.2) and 1.5 GiB less
+# (docs/BENCHMARKS.md, nineteenth session). Which matmuls had gone to Triton, and why they were
+# slower there, was not measured.
+TRITON_GEMM_FLAG = "xla_gpu_enable_triton_gemm"
 
 
-def configure_device_memory(config, env: MutableMapping[str, str] | None = None,
-                            jaxlib_version: tuple[int, ...] | None = None) -> None:
-    """Sets up JAX's GPU allocator before the first JAX call that starts a backend.
+def _add_xla_flag(env: MutableMapping[str, str], name: str, value: str) -> None:
+    """Appends `--name=value` to `XLA_FLAGS` unless the flag is there already (the user's choice)."""
+    flags = env.get("XLA_FLAGS", "")
+    if not re.search(rf"--{name}(=|\s|$)", flags):
+        env["XLA_FLAGS"] = f"{flags} --{name}={value}".strip()
+
+
+def configure_gpu_backend(config, env: MutableMapping[str, str] | None = None,
+                          jaxlib_version: tuple[int, ...] | None = None) -> None:
+    """Sets up JAX's GPU backend before the first JAX call that starts one.
 
     - `train.device_memory_fraction` of each GPU's memory for the pool
       (`XLA_PYTHON_CLIENT_MEM_FRACTION`; JAX's own default is 0.75).
     - The pool without spatial partitioning (`--xla_gpu_enable_allocator_spatial_partitioning=false`
       in `XLA_FLAGS`, on the jaxlib versions that know the flag), so that a step's temporaries
       get their block back every step.
+    - Unless `train.triton_gemm`, no Triton GEMM fusions (`--xla_gpu_enable_triton_gemm=false`):
+      cuBLAS runs every matmul.
 
-    A fraction already in the environment, or the flag already in `XLA_FLAGS` (either value),
-    is the user's choice and is kept. The CPU backend ignores both.
+    A fraction already in the environment, or any of these flags already in `XLA_FLAGS` (either
+    value), is the user's choice and is kept. The CPU backend ignores all of them.
     """
     env = os.environ if env is None else env
     fraction = config.train.device_memory_fraction
@@ -356,9 +370,10 @@ def configure_device_memory(config, env: MutableMapping[str, str] | None = None,
     env.setdefault(MEMORY_FRACTION_ENV, str(fraction))
     if jaxlib_version is None:
         from jaxlib.version import __version_info__ as jaxlib_version
-    flags = env.get("XLA_FLAGS", "")
-    if jaxlib_version >= _SPATIAL_PARTITIONING_SINCE and SPATIAL_PARTITIONING_FLAG not in flags:
-        env["XLA_FLAGS"] = f"{flags} --{SPATIAL_PARTITIONING_FLAG}=false".strip()
+    if jaxlib_version >= _SPATIAL_PARTITIONING_SINCE:
+        _add_xla_flag(env, SPATIAL_PARTITIONING_FLAG, "false")
+    if not config.train.triton_gemm:
+        _add_xla_flag(env, TRITON_GEMM_FLAG, "false")
 
 
 def initialize(config, env: Mapping[str, str] | None = None) -> Launch | None:

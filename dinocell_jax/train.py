@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     # Installed first: a preemption notice during start-up or compilation still
     # ends in a clean save after the first step.
     stop = _StopRequest()
-    parallel.configure_device_memory(config)
+    parallel.configure_gpu_backend(config)
     parallel.initialize(config)
     config_lib.validate(config, jax.device_count())
     is_main = jax.process_index() == 0

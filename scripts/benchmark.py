@@ -173,7 +173,7 @@ def main(argv=None):
     args, rest = parser.parse_known_args(argv)
     config, _ = cli.parse_config(rest)
     config.wandb.enabled = False
-    parallel.configure_device_memory(config)
+    parallel.configure_gpu_backend(config)
     n_devices = jax.device_count()
     config_lib.validate(config, n_devices)
 

@@ -127,25 +127,34 @@ def test_incomplete_or_inconsistent_launch_names_the_setting():
                                        local_device_ids="0;1"), env={})
 
 
-def test_device_memory_settings_are_set_unless_the_user_set_them():
+def test_gpu_backend_settings_are_set_unless_the_user_set_them():
     config = tiny_config()
-    flag = "--xla_gpu_enable_allocator_spatial_partitioning=false"
+    spatial = "--xla_gpu_enable_allocator_spatial_partitioning=false"
+    triton = "--xla_gpu_enable_triton_gemm=false"
     env = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-    parallel.configure_device_memory(config, env, jaxlib_version=(0, 11, 2))
-    # JAX's own 0.75 cannot hold batch 128 on 80 GB; the flag keeps the temporaries' block whole
+    parallel.configure_gpu_backend(config, env, jaxlib_version=(0, 11, 2))
+    # JAX's own 0.75 cannot hold batch 128 on 80 GB; the flag keeps the temporaries' block whole;
+    # cuBLAS runs the matmuls faster than Triton's GEMMs
     assert env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95",
-                   "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {flag}"}
-    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5",
-           "XLA_FLAGS": "--xla_gpu_enable_allocator_spatial_partitioning=true"}
-    parallel.configure_device_memory(config, env, jaxlib_version=(0, 12, 0))
-    assert env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5",
-                   "XLA_FLAGS": "--xla_gpu_enable_allocator_spatial_partitioning=true"}
+                   "XLA_FLAGS": f"--xla_force_host_platform_device_count=8 {spatial} {triton}"}
+    # the user's values win; a longer flag that starts with the same name is not the flag
+    mine = "--xla_gpu_enable_allocator_spatial_partitioning=true --xla_gpu_enable_triton_gemm_int4=true"
+    env = {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5", "XLA_FLAGS": mine}
+    parallel.configure_gpu_backend(config, env, jaxlib_version=(0, 12, 0))
+    assert env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5", "XLA_FLAGS": f"{mine} {triton}"}
+    env = {"XLA_FLAGS": "--xla_gpu_enable_triton_gemm"}  # a bare boolean flag: true
+    parallel.configure_gpu_backend(config, env, jaxlib_version=(0, 10, 2))
+    assert env["XLA_FLAGS"] == "--xla_gpu_enable_triton_gemm"
     env = {}
-    parallel.configure_device_memory(config, env, jaxlib_version=(0, 10, 2))  # would abort on the flag
-    assert env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95"}
+    parallel.configure_gpu_backend(config, env, jaxlib_version=(0, 10, 2))  # would abort on the flag
+    assert env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", "XLA_FLAGS": triton}
+    config.train.triton_gemm = True
+    env = {}
+    parallel.configure_gpu_backend(config, env, jaxlib_version=(0, 11, 2))
+    assert env == {"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.95", "XLA_FLAGS": spatial}
     config.train.device_memory_fraction = 1.5
     with pytest.raises(ConfigError, match="train.device_memory_fraction: 1.5"):
-        parallel.configure_device_memory(config, {})
+        parallel.configure_gpu_backend(config, {})
 
 
 def test_process_rows_and_barrier_in_one_process():
