@@ -250,6 +250,7 @@ def main(argv=None):
         "residual_dtype": config.model.residual_dtype,
         "loss": round(loss, 4),
         "jax": jax.__version__,
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),  # the trainer's (train.triton_gemm) and the user's
     }
     print(json.dumps(result), flush=True)
     if not np.isfinite(loss):

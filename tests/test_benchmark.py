@@ -20,6 +20,8 @@ def test_benchmark_runs_at_toy_size():
         assert key in result, key
     assert result["n_devices"] == 8 and result["batch"] == 32
     assert result["images_per_s"] > 0 and result["step_s"] > 0 and result["gflop_per_image"] > 0
+    # the XLA flags the step was compiled with: the trainer's defaults (train.triton_gemm) included
+    assert "--xla_gpu_enable_triton_gemm=false" in result["xla_flags"]
 
 
 def test_benchmark_train_runs_the_real_trainer_at_toy_size(tmp_path):
